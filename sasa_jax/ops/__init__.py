@@ -1,0 +1,17 @@
+"""The functional local-attention op of SASA (paper §3.1) and its implementations.
+
+``local_attention(query, key, value, kernel_size=..., rel_h=..., rel_w=...)`` computes,
+for every pixel ``(i, j)`` and head, attention over its ``kh x kw`` memory block::
+
+    logit(i,j -> a,b) = scale * (q_ij . k_ab + q_ij[:d/2] . rel_h[a-i+rh]
+                                             + q_ij[d/2:] . rel_w[b-j+rw])
+    out_ij = sum over in-image (a, b) with |a-i| <= rh, |b-j| <= rw of
+             softmax(logit) * v_ab
+
+Neighbours outside the image are excluded from the softmax (not zero-padded). Every name
+in ``IMPLEMENTATIONS`` computes this same function.
+"""
+
+from sasa_jax.ops.local_attention import IMPLEMENTATIONS, default_implementation, local_attention
+
+__all__ = ["IMPLEMENTATIONS", "default_implementation", "local_attention"]

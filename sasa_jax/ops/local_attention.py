@@ -1,0 +1,76 @@
+"""``local_attention``: argument checks, then dispatch to one implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+
+from sasa_jax.ops import _contract, blocked, windows
+
+_IMPLEMENTATIONS = {
+    "reference": windows.reference,
+    "patches": windows.patches,
+    "blocked": blocked.blocked,
+    "dense": blocked.dense,
+}
+IMPLEMENTATIONS: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
+
+
+def default_implementation(height: int, width: int, kernel_size: int | Sequence[int],
+                           backend: str | None = None) -> str:
+  """The implementation ``implementation=None`` uses for this shape on ``backend``.
+
+  The choice follows the measurements in ``benchmarks/README.md``: ``dense`` once the
+  window covers most of the image (its ``H*W`` keys per query cost little more than the
+  ``(b + k - 1)^2`` of a halo then), ``blocked`` otherwise. Neither copies K and V
+  ``k^2`` times.
+  """
+  del backend  # The same choice measured fastest on every backend we have numbers for.
+  window = _contract.as_window(kernel_size)
+  if height * width <= 2 * window.kh * window.kw:
+    return "dense"
+  return "blocked"
+
+
+def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                    kernel_size: int | Sequence[int], rel_h: jax.Array | None = None,
+                    rel_w: jax.Array | None = None, scale: float | None = None,
+                    implementation: str | None = None) -> jax.Array:
+  """Multi-head local self-attention over a ``kh x kw`` window with 2-D relative logits.
+
+  Args:
+    query, key, value: ``(B, H, W, N, d)`` arrays of one floating dtype (batch, height,
+      width, heads, head depth). Logits and softmax are computed in float32 whatever it is.
+    kernel_size: the window, an odd int ``k`` or a pair ``(kh, kw)`` of odd ints. A window
+      of at least ``(2H - 1) x (2W - 1)`` is global attention over the image.
+    rel_h: ``(kh, d // 2)`` embeddings of the row offset ``a - i`` (entry ``a - i + kh//2``),
+      shared across heads, dotted with the first half of each query. Needs even ``d``.
+    rel_w: ``(kw, d // 2)`` embeddings of the column offset, dotted with the second half.
+      Give both tables or neither; without them there is no positional term.
+    scale: multiplies the whole logit; defaults to ``d ** -0.5`` (``1.0`` is the paper's
+      equation as printed).
+    implementation: one of ``IMPLEMENTATIONS``; ``None`` picks the fastest for the shape
+      (``default_implementation``).
+
+  Returns:
+    ``(B, H, W, N, d)`` in the dtype of ``query``: at each pixel, the softmax-weighted sum
+    of the values in its window. Neighbours outside the image are excluded from the
+    softmax.
+
+  Raises:
+    ValueError: while tracing, before compilation, for a wrong rank, mismatched shapes or
+      dtypes, an even or non-positive window, relative tables of the wrong shape, an odd
+      ``d`` with relative tables, a bad scale, or an unknown implementation.
+  """
+  window = _contract.as_window(kernel_size)
+  scale = _contract.check_arguments(query, key, value, window, rel_h, rel_w, scale)
+  if implementation is None:
+    implementation = default_implementation(query.shape[1], query.shape[2], kernel_size,
+                                            jax.default_backend())
+  if implementation not in _IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {list(IMPLEMENTATIONS)} or None (automatic); got "
+        f"{implementation!r}.")
+  return _IMPLEMENTATIONS[implementation](
+      query, key, value, window=window, rel_h=rel_h, rel_w=rel_w, scale=scale)
