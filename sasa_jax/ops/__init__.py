@@ -12,6 +12,11 @@ Neighbours outside the image are excluded from the softmax (not zero-padded). Ev
 in ``IMPLEMENTATIONS`` computes this same function.
 """
 
-from sasa_jax.ops.local_attention import IMPLEMENTATIONS, default_implementation, local_attention
+from sasa_jax.ops.local_attention import (IMPLEMENTATIONS, attention_weights,
+                                          default_implementation, local_attention,
+                                          window_shape)
 
-__all__ = ["IMPLEMENTATIONS", "default_implementation", "local_attention"]
+__all__ = [
+    "IMPLEMENTATIONS", "attention_weights", "default_implementation", "local_attention",
+    "window_shape"
+]

@@ -17,6 +17,12 @@ _IMPLEMENTATIONS = {
 IMPLEMENTATIONS: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
 
 
+def window_shape(kernel_size: int | Sequence[int]) -> tuple[int, int]:
+  """``(kh, kw)`` of an odd ``kernel_size`` (int or pair); ValueError for anything else."""
+  window = _contract.as_window(kernel_size)
+  return window.kh, window.kw
+
+
 def default_implementation(height: int, width: int, kernel_size: int | Sequence[int],
                            backend: str | None = None) -> str:
   """The implementation ``implementation=None`` uses for this shape on ``backend``.
@@ -74,3 +80,18 @@ def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
         f"{implementation!r}.")
   return _IMPLEMENTATIONS[implementation](
       query, key, value, window=window, rel_h=rel_h, rel_w=rel_w, scale=scale)
+
+
+def attention_weights(query: jax.Array, key: jax.Array, *, kernel_size: int | Sequence[int],
+                      rel_h: jax.Array | None = None, rel_w: jax.Array | None = None,
+                      scale: float | None = None) -> jax.Array:
+  """The softmax probabilities that ``local_attention`` applies, for visualisation.
+
+  Arguments as in ``local_attention``. Returns ``(B, H, W, N, kh, kw)`` float32: entry
+  ``[..., a, b]`` is the weight of pixel ``(i + a - kh//2, j + b - kw//2)`` in the output at
+  ``(i, j)``, zero where that pixel is outside the image; each window sums to 1. Holds a
+  ``kh * kw``-fold copy of K: meant for inspecting a few images, not for training.
+  """
+  window = _contract.as_window(kernel_size)
+  scale = _contract.check_arguments(query, key, key, window, rel_h, rel_w, scale)
+  return windows.window_probs(query, key, window=window, rel_h=rel_h, rel_w=rel_w, scale=scale)

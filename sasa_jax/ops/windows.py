@@ -29,17 +29,17 @@ def _window_mask(height: int, width: int, window: _contract.Window) -> np.ndarra
   return mask.reshape(height, width, window.kh * window.kw)
 
 
-def _attend_windows(query, key_windows, value_windows, window, rel_h, rel_w, scale):
-  """Attention of each query over its materialised window.
+def _window_probs(query, key_windows, window, rel_h, rel_w, scale):
+  """Attention probabilities of each query over its materialised window.
 
   Args:
     query: ``(B, H, W, N, d)``.
-    key_windows, value_windows: ``(B, H, W, N, d, kh * kw)``: neighbour ``a * kw + b`` of
-      pixel ``(i, j)`` is pixel ``(i + a - rh, j + b - rw)``, zero outside the image.
+    key_windows: ``(B, H, W, N, d, kh * kw)``: neighbour ``a * kw + b`` of pixel ``(i, j)``
+      is pixel ``(i + a - rh, j + b - rw)``, zero outside the image.
     window: the ``Window``; rel_h, rel_w, scale: as in ``local_attention``.
 
   Returns:
-    ``(B, H, W, N, d)`` in the dtype of ``query``.
+    ``(B, H, W, N, kh * kw)`` float32, zero for neighbours outside the image.
   """
   _, height, width, _, _ = query.shape
   logits = jnp.einsum("bhwnd,bhwndk->bhwnk", query, key_windows,
@@ -49,7 +49,12 @@ def _attend_windows(query, key_windows, value_windows, window, rel_h, rel_w, sca
     positional = logit_h[..., :, None] + logit_w[..., None, :]
     logits = logits + positional.reshape(logits.shape)
   mask = _window_mask(height, width, window)[None, :, :, None, :]
-  probs = _contract.masked_softmax(scale * logits, mask)
+  return _contract.masked_softmax(scale * logits, mask)
+
+
+def _attend_windows(query, key_windows, value_windows, window, rel_h, rel_w, scale):
+  """``_window_probs``-weighted sum of ``value_windows``; ``(B, H, W, N, d)``."""
+  probs = _window_probs(query, key_windows, window, rel_h, rel_w, scale)
   out = jnp.einsum("bhwnk,bhwndk->bhwnd", probs.astype(value_windows.dtype), value_windows,
                    preferred_element_type=jnp.float32)
   return out.astype(query.dtype)
@@ -107,6 +112,12 @@ def _patch_windows(x, window: _contract.Window):
   flat = x.reshape(batch, height, width, heads * depth)
   patches = _extract_patches(flat, window.kh, window.kw)
   return patches.reshape(batch, height, width, heads, depth, window.kh * window.kw)
+
+
+def window_probs(query, key, *, window, rel_h, rel_w, scale):
+  """``(B, H, W, N, kh, kw)`` float32 attention probabilities, for inspection."""
+  probs = _window_probs(query, _stacked_windows(key, window), window, rel_h, rel_w, scale)
+  return probs.reshape(probs.shape[:-1] + (window.kh, window.kw))
 
 
 def patches(query, key, value, *, window, rel_h, rel_w, scale):

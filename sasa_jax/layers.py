@@ -1,0 +1,279 @@
+"""Flax (linen) modules of SASA: the local self-attention layer and the attention stem.
+
+Inputs and outputs are NHWC: ``(B, H, W, C)``. Paper: Ramachandran et al., "Stand-Alone
+Self-Attention in Vision Models", NeurIPS 2019, §3 (layer) and §3.2 (stem).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sasa_jax import ops
+
+POSITIONAL_MODES = ("relative", "absolute", "none")
+
+Dtype = Any
+
+
+def _check_input(name: str, x) -> None:
+  if getattr(x, "ndim", None) != 4:
+    raise ValueError(
+        f"{name} expects images of rank 4, shape (B, H, W, C) (NHWC); got shape "
+        f"{getattr(x, 'shape', None)}.")
+
+
+def _head_projection(num_heads: int, head_depth: int, use_bias: bool, dtype: Dtype,
+                     param_dtype: Dtype, name: str) -> nn.DenseGeneral:
+  """A full-width 1x1 projection ``(B, H, W, C) -> (B, H, W, N, d)``."""
+  return nn.DenseGeneral(features=(num_heads, head_depth), use_bias=use_bias, dtype=dtype,
+                         param_dtype=param_dtype, name=name)
+
+
+class LocalSelfAttention(nn.Module):
+  """The SASA layer (paper §3): multi-head attention over a ``k x k`` memory block.
+
+  Queries, keys and values are full-width 1x1 projections of the input (params ``query``,
+  ``key``, ``value``, kernels ``(C, N, d)`` with ``d = features / num_heads``), split into
+  ``num_heads`` heads; each pixel attends to the pixels of its window with 2-D relative
+  position logits (``ops.local_attention``). There is no output projection: as in the
+  paper, the layer stands where a spatial convolution was.
+
+  Attributes:
+    features: output channels; must be divisible by ``num_heads``.
+    num_heads: attention heads (paper: 8).
+    kernel_size: the odd spatial extent ``k`` (or ``(kh, kw)``) of the memory block (paper:
+      7). ``None`` is global attention over the whole feature map, the seed article's
+      variant: its relative tables then cover offsets up to ``max_size - 1``, so H and W
+      must not exceed ``max_size``.
+    stride: ``s > 1`` downsamples like a stride-``s`` conv, the paper's way: attention at
+      the input resolution, then ``s x s`` average pooling with stride ``s`` (floor: an odd
+      H loses its last row).
+    positional: ``'relative'`` (the paper's row/column offset embeddings ``rel_h``
+      ``(kh, d/2)`` and ``rel_w`` ``(kw, d/2)``, shared across heads), ``'absolute'``
+      (learned embeddings ``abs_h`` ``(max_size, d/2)`` and ``abs_w`` of the key's row and
+      column in the feature map, concatenated and added to the keys, so that the logit
+      gains ``q[:d/2] . abs_h[a] + q[d/2:] . abs_w[b]``), or ``'none'``: the paper's
+      positional-encoding ablation. Needs an even ``d`` unless ``'none'``.
+    content: ``False`` drops the content-content term ``q . k`` (the paper's "q.r only"
+      ablation): the layer then has no ``key`` projection.
+    use_bias: biases on the q/k/v projections (the paper has none).
+    max_size: the largest H or W accepted with ``kernel_size=None`` or
+      ``positional='absolute'`` (sizes their tables).
+    implementation: forwarded to ``ops.local_attention`` (``None``: automatic).
+    dtype: computation dtype (``None``: the input's); logits and softmax run in float32.
+    param_dtype: parameter dtype.
+  """
+
+  features: int
+  num_heads: int = 8
+  kernel_size: int | tuple[int, int] | None = 7
+  stride: int = 1
+  positional: str = "relative"
+  content: bool = True
+  use_bias: bool = False
+  max_size: int = 64
+  implementation: str | None = None
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    if not isinstance(self.features, int) or self.features <= 0:
+      raise ValueError(f"features must be a positive int; got {self.features!r}.")
+    if not isinstance(self.num_heads, int) or self.num_heads <= 0:
+      raise ValueError(f"num_heads must be a positive int; got {self.num_heads!r}.")
+    if self.features % self.num_heads:
+      raise ValueError(
+          f"features must be divisible by num_heads; got features={self.features}, "
+          f"num_heads={self.num_heads} (allowed num_heads: divisors of {self.features}).")
+    if self.positional not in POSITIONAL_MODES:
+      raise ValueError(
+          f"positional must be one of {list(POSITIONAL_MODES)}; got {self.positional!r}.")
+    if self.positional != "none" and (self.features // self.num_heads) % 2:
+      raise ValueError(
+          f"positional={self.positional!r} splits the head depth d = features/num_heads into "
+          f"row and column halves, so d must be even; got d={self.features // self.num_heads}.")
+    if self.kernel_size is not None:
+      ops.window_shape(self.kernel_size)
+    if not isinstance(self.stride, int) or self.stride <= 0:
+      raise ValueError(f"stride must be a positive int (1, or 2 to downsample); got "
+                       f"{self.stride!r}.")
+    if self.implementation is not None and self.implementation not in ops.IMPLEMENTATIONS:
+      raise ValueError(
+          f"implementation must be one of {list(ops.IMPLEMENTATIONS)} or None (automatic); "
+          f"got {self.implementation!r}.")
+    super().__post_init__()
+
+  def _window(self, height: int, width: int) -> tuple[int, int]:
+    if self.kernel_size is None:
+      if max(height, width) > self.max_size:
+        raise ValueError(
+            f"kernel_size=None (global attention) supports feature maps up to max_size="
+            f"{self.max_size}; got {height}x{width}. Raise max_size.")
+      return 2 * height - 1, 2 * width - 1
+    return ops.window_shape(self.kernel_size)
+
+  def _relative_tables(self, kh: int, kw: int, half: int):
+    """``rel_h (kh, d/2)`` and ``rel_w (kw, d/2)``; for global attention, the centre of
+    ``(2 * max_size - 1, d/2)`` tables."""
+    init = nn.initializers.normal(stddev=(2 * half)**-0.5)
+    if self.kernel_size is None:
+      full = 2 * self.max_size - 1
+      rel_h = self.param("rel_h", init, (full, half), self.param_dtype)
+      rel_w = self.param("rel_w", init, (full, half), self.param_dtype)
+      return (rel_h[self.max_size - 1 - kh // 2:self.max_size + kh // 2],
+              rel_w[self.max_size - 1 - kw // 2:self.max_size + kw // 2])
+    return (self.param("rel_h", init, (kh, half), self.param_dtype),
+            self.param("rel_w", init, (kw, half), self.param_dtype))
+
+  def _absolute_embeddings(self, height: int, width: int, half: int):
+    """``(H, W, d)``: the row embedding of each pixel concatenated with its column one."""
+    if max(height, width) > self.max_size:
+      raise ValueError(
+          f"positional='absolute' supports feature maps up to max_size={self.max_size}; got "
+          f"{height}x{width}. Raise max_size.")
+    init = nn.initializers.normal(stddev=(2 * half)**-0.5)
+    abs_h = self.param("abs_h", init, (self.max_size, half), self.param_dtype)[:height]
+    abs_w = self.param("abs_w", init, (self.max_size, half), self.param_dtype)[:width]
+    return jnp.concatenate([
+        jnp.broadcast_to(abs_h[:, None], (height, width, half)),
+        jnp.broadcast_to(abs_w[None, :], (height, width, half)),
+    ], axis=-1)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``(B, H, W, C)`` -> ``(B, H // stride, W // stride, features)``.
+
+    With the ``intermediates`` collection mutable, also sows ``attention_weights``
+    ``(B, H, W, N, kh, kw)`` (see ``ops.attention_weights``).
+    """
+    _check_input("LocalSelfAttention", x)
+    batch, height, width, _ = x.shape
+    depth = self.features // self.num_heads
+    kh, kw = self._window(height, width)
+    project = functools.partial(_head_projection, self.num_heads, depth, self.use_bias,
+                                self.dtype, self.param_dtype)
+    query = project("query")(x)
+    value = project("value")(x)
+    key = project("key")(x) if self.content else jnp.zeros_like(query)
+
+    rel_h = rel_w = None
+    if self.positional == "relative":
+      rel_h, rel_w = self._relative_tables(kh, kw, depth // 2)
+    elif self.positional == "absolute":
+      key = key + self._absolute_embeddings(height, width, depth // 2)[:, :, None].astype(
+          key.dtype)
+
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "attention_weights",
+               ops.attention_weights(query, key, kernel_size=(kh, kw), rel_h=rel_h,
+                                     rel_w=rel_w))
+    out = ops.local_attention(query, key, value, kernel_size=(kh, kw), rel_h=rel_h,
+                              rel_w=rel_w, implementation=self.implementation)
+    out = out.reshape(batch, height, width, self.features)
+    if self.stride > 1:
+      out = nn.avg_pool(out, (self.stride, self.stride), strides=(self.stride, self.stride))
+    return out
+
+
+class AttentionStem(nn.Module):
+  """The paper's attention stem (§3.2): attention with spatially-aware values.
+
+  Each pixel attends to the pixels of its ``block_size x block_size`` block (the blocks
+  tile the image and align with the max-pooling that follows in the model). Queries and
+  keys are ordinary 1x1 projections (params ``query``, ``key``); the value of key pixel
+  ``(a, b)`` (its position inside the block) is a position-dependent mixture of
+  ``num_mixtures`` value projections (param ``value``, ``(m, C, features)``)::
+
+      v_ab = sum_m p(a, b, m) W_V^m x_ab,
+      p(a, b, m) = softmax_m((emb_row[a] + emb_col[b]) . nu[m])
+
+  with ``emb_row``, ``emb_col`` ``(block_size, mixture_features)`` and ``nu``
+  ``(num_mixtures, mixture_features)`` learned; ``p`` is shared across heads. The module
+  is the attention alone: the model follows it with BatchNorm, ReLU and
+  ``block_size x block_size`` max-pooling.
+
+  Attributes:
+    features: output channels (the stem's width, 64 in the paper's ResNets).
+    num_heads: attention heads (paper: 4).
+    block_size: the spatial extent of the attention (paper: 4); H and W must be multiples.
+    num_mixtures: value projections mixed, ``m`` (the paper does not state it; 4 is the
+      common choice).
+    mixture_features: the width of the position and mixture embeddings.
+    use_bias: biases on the projections.
+    dtype: computation dtype (``None``: the input's); softmax runs in float32.
+    param_dtype: parameter dtype.
+  """
+
+  features: int = 64
+  num_heads: int = 4
+  block_size: int = 4
+  num_mixtures: int = 4
+  mixture_features: int = 16
+  use_bias: bool = False
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    for name in ("features", "num_heads", "block_size", "num_mixtures", "mixture_features"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    if self.features % self.num_heads:
+      raise ValueError(
+          f"features must be divisible by num_heads; got features={self.features}, "
+          f"num_heads={self.num_heads} (allowed num_heads: divisors of {self.features}).")
+    super().__post_init__()
+
+  def _mixture_weights(self) -> jax.Array:
+    """``p``: ``(block_size, block_size, num_mixtures)``, summing to 1 over mixtures."""
+    init = nn.initializers.normal(stddev=1.0)
+    shape = (self.block_size, self.mixture_features)
+    emb_row = self.param("emb_row", init, shape, self.param_dtype)
+    emb_col = self.param("emb_col", init, shape, self.param_dtype)
+    nu = self.param("mixture_embedding", init, (self.num_mixtures, self.mixture_features),
+                    self.param_dtype)
+    position = emb_row[:, None, :] + emb_col[None, :, :]
+    return jax.nn.softmax(jnp.einsum("abe,me->abm", position.astype(jnp.float32),
+                                     nu.astype(jnp.float32)), axis=-1)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``(B, H, W, C)`` -> ``(B, H, W, features)``; H and W multiples of ``block_size``."""
+    _check_input("AttentionStem", x)
+    _, height, width, channels = x.shape
+    if height % self.block_size or width % self.block_size:
+      raise ValueError(
+          f"AttentionStem attends within {self.block_size}x{self.block_size} blocks, so the "
+          f"image height and width must be multiples of block_size={self.block_size}; got "
+          f"{height}x{width}.")
+    dtype = self.dtype or x.dtype
+    depth = self.features // self.num_heads
+    project = functools.partial(_head_projection, self.num_heads, depth, self.use_bias,
+                                dtype, self.param_dtype)
+    query = project("query")(x)
+    key = project("key")(x)
+
+    kernels = self.param("value", nn.initializers.lecun_normal(batch_axis=(0,)),
+                         (self.num_mixtures, channels, self.features), self.param_dtype)
+    mixture = self._mixture_weights()  # (block, block, m)
+    blocks = dict(p=self.block_size, q=self.block_size)
+    tiled = einops.repeat(mixture, "p q m -> (x p) (y q) m", x=height // self.block_size,
+                          y=width // self.block_size, **blocks)
+    # Mix the m kernels per position first: (H, W, C, F) weights, one matmul per pixel.
+    value = jnp.einsum("hwm,mcf,bhwc->bhwf", tiled.astype(dtype), kernels.astype(dtype),
+                       x.astype(dtype))
+    value = value.reshape(value.shape[:3] + (self.num_heads, depth))
+
+    to_blocks = "b (x p) (y q) n d -> b x y n (p q) d"
+    q, k, v = (einops.rearrange(t, to_blocks, **blocks) for t in (query, key, value))
+    logits = jnp.einsum("bxynid,bxynjd->bxynij", q, k,
+                        preferred_element_type=jnp.float32) * depth**-0.5
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    out = jnp.einsum("bxynij,bxynjd->bxynid", probs, v)
+    return einops.rearrange(out, "b x y n (p q) d -> b (x p) (y q) (n d)", **blocks)
