@@ -1,0 +1,254 @@
+"""The local-attention op: every implementation against the reference, the reference
+against a brute-force dense softmax, known cases, transformations and argument errors."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sasa_jax import ops
+from sasa_jax.ops import _contract, blocked
+
+FAST_IMPLEMENTATIONS = [name for name in ops.IMPLEMENTATIONS if name != "reference"]
+
+# (B, H, W, N, d, kernel_size): odd, non-square images; windows from 1x1 to larger than
+# the image; non-square windows.
+SHAPES = [
+    (2, 9, 7, 3, 4, 1),
+    (2, 9, 7, 3, 4, 3),
+    (1, 9, 7, 2, 6, 5),
+    (2, 9, 7, 2, 4, 7),
+    (1, 3, 2, 2, 4, 7),
+    (1, 11, 5, 1, 8, (3, 5)),
+]
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def random_inputs(shape, relative, dtype=jnp.float32, seed=0):
+  batch, height, width, heads, depth, kernel_size = shape
+  kh, kw = ops.window_shape(kernel_size)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+  qkv = [jax.random.normal(k, (batch, height, width, heads, depth)).astype(dtype)
+         for k in keys[:3]]
+  tables = (jax.random.normal(keys[3], (kh, depth // 2)).astype(dtype),
+            jax.random.normal(keys[4], (kw, depth // 2)).astype(dtype)) if relative else (
+                None, None)
+  return qkv, tables
+
+
+def rel_error(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  # Exactly-zero references (e.g. d out / d q for a 1x1 window) compare absolutely.
+  return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)
+
+
+def brute_force(q, k, v, kernel_size, rel_h=None, rel_w=None, scale=None):
+  """Dense softmax over all H*W pixels with an explicit window mask, in float64 numpy."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  batch, height, width, heads, depth = q.shape
+  kh, kw = ops.window_shape(kernel_size)
+  scale = depth**-0.5 if scale is None else scale
+  rows, cols = np.arange(height), np.arange(width)
+  dy = rows[None, :] - rows[:, None]  # (i, a): a - i
+  dx = cols[None, :] - cols[:, None]
+  mask = (np.abs(dy)[:, None, :, None] <= kh // 2) & (np.abs(dx)[None, :, None, :] <= kw // 2)
+  logits = np.einsum("zijnd,zabnd->zijnab", q, k)
+  if rel_h is not None:
+    rel_h, rel_w = np.asarray(rel_h, np.float64), np.asarray(rel_w, np.float64)
+    half = depth // 2
+    emb_h = rel_h[np.clip(dy + kh // 2, 0, kh - 1)]  # (i, a, d/2), clipped entries masked
+    emb_w = rel_w[np.clip(dx + kw // 2, 0, kw - 1)]
+    logits += np.einsum("zijnc,iac->zijna", q[..., :half], emb_h)[..., :, None]
+    logits += np.einsum("zijnc,jbc->zijnb", q[..., half:], emb_w)[..., None, :]
+  logits = np.where(mask[None, :, :, None], scale * logits, -np.inf)
+  logits = logits.reshape(*logits.shape[:4], height * width)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("zijnk,zknd->zijnd", probs, v.reshape(batch, height * width, heads, depth))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("relative", [False, True])
+def test_reference_matches_brute_force_dense_softmax(shape, relative):
+  (q, k, v), (rel_h, rel_w) = random_inputs(shape, relative)
+  got = ops.local_attention(q, k, v, kernel_size=shape[-1], rel_h=rel_h, rel_w=rel_w,
+                            implementation="reference")
+  assert rel_error(got, brute_force(q, k, v, shape[-1], rel_h, rel_w)) < 1e-6
+
+
+def test_scale_one_is_the_papers_unscaled_equation():
+  shape = (1, 5, 6, 2, 4, 3)
+  (q, k, v), (rel_h, rel_w) = random_inputs(shape, True)
+  got = ops.local_attention(q, k, v, kernel_size=3, rel_h=rel_h, rel_w=rel_w, scale=1.0)
+  assert rel_error(got, brute_force(q, k, v, 3, rel_h, rel_w, scale=1.0)) < 1e-5
+  default = ops.local_attention(q, k, v, kernel_size=3, rel_h=rel_h, rel_w=rel_w)
+  assert rel_error(default, got) > 1e-2  # d**-0.5 really is applied by default
+
+
+def test_padding_is_masked_not_zero_keys():
+  """A border pixel must not give probability to zero-padded neighbours."""
+  shape = (1, 4, 4, 1, 2, 3)
+  (q, _, v), (rel_h, rel_w) = random_inputs(shape, True)
+  k = jnp.zeros_like(q)  # all content logits 0: only the positional term differs
+  probs = ops.attention_weights(q, k, kernel_size=3, rel_h=rel_h, rel_w=rel_w)
+  corner = np.asarray(probs[0, 0, 0, 0])
+  assert np.all(corner[0, :] == 0) and np.all(corner[:, 0] == 0)
+  np.testing.assert_allclose(corner.sum(), 1.0, rtol=1e-6)
+  out = ops.local_attention(q, k, v, kernel_size=3, rel_h=rel_h, rel_w=rel_w)
+  window_values = v[0, 0:2, 0:2, 0]  # the corner's in-image neighbours (rows/cols 0..1)
+  want = jnp.einsum("ab,abd->d", probs[0, 0, 0, 0, 1:, 1:], window_values)
+  np.testing.assert_allclose(out[0, 0, 0, 0], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ops.IMPLEMENTATIONS)
+def test_kernel_size_one_returns_value(implementation):
+  (q, k, v), (rel_h, rel_w) = random_inputs((2, 9, 7, 3, 4, 1), True)
+  out = ops.local_attention(q, k, v, kernel_size=1, rel_h=rel_h, rel_w=rel_w,
+                            implementation=implementation)
+  np.testing.assert_allclose(out, v, rtol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ops.IMPLEMENTATIONS)
+def test_full_window_is_global_attention(implementation):
+  batch, height, width, heads, depth = 2, 5, 4, 2, 4
+  (q, k, v), _ = random_inputs((batch, height, width, heads, depth, 1), False)
+  out = ops.local_attention(q, k, v, kernel_size=(2 * height - 1, 2 * width - 1),
+                            implementation=implementation)
+  flat = lambda t: t.reshape(batch, height * width, heads, depth)
+  logits = jnp.einsum("bind,bjnd->bnij", flat(q), flat(k)) * depth**-0.5
+  want = jnp.einsum("bnij,bjnd->bind", jax.nn.softmax(logits, -1), flat(v))
+  assert rel_error(out, want.reshape(out.shape)) < 1e-5
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_result(shape, relative, dtype):
+  """Reference output and gradients in float32 on the (dtype-rounded) test inputs."""
+  (q, k, v), (rel_h, rel_w) = random_inputs(shape, relative, dtype)
+  upcast = lambda t: None if t is None else t.astype(jnp.float32)
+  q, k, v, rel_h, rel_w = map(upcast, (q, k, v, rel_h, rel_w))
+  out = ops.local_attention(q, k, v, kernel_size=shape[-1], rel_h=rel_h, rel_w=rel_w,
+                            implementation="reference")
+  return out, _loss_and_grads("reference", q, k, v, rel_h, rel_w, shape[-1], _cotangent(shape))
+
+
+def _cotangent(shape):
+  return jax.random.normal(jax.random.PRNGKey(7), shape[:5])
+
+
+def _loss_and_grads(implementation, q, k, v, rel_h, rel_w, kernel_size, cotangent):
+  def loss(q, k, v, rel_h, rel_w):
+    out = ops.local_attention(q, k, v, kernel_size=kernel_size, rel_h=rel_h, rel_w=rel_w,
+                              implementation=implementation)
+    return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+  argnums = (0, 1, 2, 3, 4) if rel_h is not None else (0, 1, 2)
+  return jax.value_and_grad(loss, argnums=argnums)(q, k, v, rel_h, rel_w)
+
+
+@pytest.mark.parametrize("implementation", FAST_IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_implementation_matches_reference(implementation, shape, relative, dtype):
+  """Forward and all gradients; bf16 runs are compared with float32 reference on the same
+  (bf16-rounded) inputs."""
+  (q, k, v), (rel_h, rel_w) = random_inputs(shape, relative, dtype)
+  got_out = ops.local_attention(q, k, v, kernel_size=shape[-1], rel_h=rel_h, rel_w=rel_w,
+                                implementation=implementation)
+  assert got_out.dtype == dtype
+  got = _loss_and_grads(implementation, q, k, v, rel_h, rel_w, shape[-1], _cotangent(shape))
+  want_out, want = _reference_result(shape, relative, dtype)
+  tolerance = TOLERANCE[dtype]
+  assert rel_error(got_out, want_out) < tolerance
+  for got_grad, want_grad in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    assert got_grad.dtype == dtype
+    assert rel_error(got_grad, want_grad) < tolerance
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4, 5, 16])
+def test_blocked_any_block_size(block_size):
+  """Blocks that don't divide H or W, blocks smaller than the radius, blocks over the image."""
+  shape = (1, 9, 7, 2, 4, 5)
+  (q, k, v), (rel_h, rel_w) = random_inputs(shape, True)
+  got = blocked.blocked(q, k, v, window=_contract.as_window(5), rel_h=rel_h,
+                        rel_w=rel_w, scale=4**-0.5, block_size=block_size)
+  want = ops.local_attention(q, k, v, kernel_size=5, rel_h=rel_h, rel_w=rel_w,
+                             implementation="reference")
+  assert rel_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("implementation", ops.IMPLEMENTATIONS)
+def test_vmap_and_jit(implementation):
+  shape = (2, 6, 5, 2, 4, 3)
+  (q, k, v), (rel_h, rel_w) = random_inputs(shape, True)
+  op = functools.partial(ops.local_attention, kernel_size=3, implementation=implementation)
+  stacked = jax.jit(jax.vmap(lambda q, k, v: op(q, k, v, rel_h=rel_h, rel_w=rel_w)))(
+      q[None].repeat(3, 0), k[None].repeat(3, 0), v[None] * jnp.arange(1, 4)[:, None, None,
+                                                                             None, None, None])
+  for i in range(3):
+    np.testing.assert_allclose(stacked[i], op(q, k, v * (i + 1), rel_h=rel_h, rel_w=rel_w),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_attention_weights_reproduce_the_output():
+  shape = (1, 7, 6, 2, 4, 5)
+  (q, k, v), (rel_h, rel_w) = random_inputs(shape, True)
+  probs = ops.attention_weights(q, k, kernel_size=5, rel_h=rel_h, rel_w=rel_w)
+  assert probs.shape == (1, 7, 6, 2, 5, 5)
+  np.testing.assert_allclose(probs.sum((-1, -2)), 1.0, rtol=1e-5)
+  padded = jnp.pad(v, ((0, 0), (2, 2), (2, 2), (0, 0), (0, 0)))
+  out = sum(probs[..., a, b, None] * padded[:, a:a + 7, b:b + 6]
+            for a, b in itertools.product(range(5), range(5)))
+  np.testing.assert_allclose(out, ops.local_attention(q, k, v, kernel_size=5, rel_h=rel_h,
+                                                      rel_w=rel_w), rtol=1e-4, atol=1e-5)
+
+
+def test_default_implementation_is_valid_and_used():
+  for height, width, kernel in [(56, 56, 7), (7, 7, 7), (3, 3, 11), (224, 224, 3)]:
+    assert ops.default_implementation(height, width, kernel) in ops.IMPLEMENTATIONS
+  (q, k, v), (rel_h, rel_w) = random_inputs((1, 9, 7, 2, 4, 3), True)
+  np.testing.assert_allclose(
+      ops.local_attention(q, k, v, kernel_size=3, rel_h=rel_h, rel_w=rel_w),
+      ops.local_attention(q, k, v, kernel_size=3, rel_h=rel_h, rel_w=rel_w,
+                          implementation="reference"), rtol=1e-5, atol=1e-6)
+
+
+def _call(**overrides):
+  (q, k, v), (rel_h, rel_w) = random_inputs((1, 5, 4, 2, 4, 3), True)
+  arguments = dict(query=q, key=k, value=v, kernel_size=3, rel_h=rel_h, rel_w=rel_w)
+  arguments.update(overrides)
+  query, key, value = arguments.pop("query"), arguments.pop("key"), arguments.pop("value")
+  # Under jit: the error must come from tracing, before anything is compiled.
+  return jax.jit(lambda q, k, v: ops.local_attention(q, k, v, **arguments))(query, key, value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(kernel_size=4), "kernel_size must be positive and odd"),
+    (dict(kernel_size=0), "kernel_size must be positive and odd"),
+    (dict(kernel_size=(3, 2)), "kernel_size must be positive and odd"),
+    (dict(kernel_size=(3, 3, 3)), "kernel_size must be a positive odd int or a pair"),
+    (dict(kernel_size=3.0), "kernel_size must be a positive odd int or a pair"),
+    (dict(query=jnp.zeros((5, 4, 2, 4))), "query must have rank 5"),
+    (dict(value=jnp.zeros((1, 5, 4, 2, 2))), "must have the same shape"),
+    (dict(key=jnp.zeros((1, 5, 4, 2, 4), jnp.bfloat16)), "must have the same dtype"),
+    (dict(rel_w=None), "rel_h and rel_w must be given together"),
+    (dict(rel_h=jnp.zeros((5, 2))), r"rel_h must have shape \(kh, d//2\) = \(3, 2\)"),
+    (dict(rel_w=jnp.zeros((3, 4))), r"rel_w must have shape \(kw, d//2\) = \(3, 2\)"),
+    (dict(scale=-1.0), "scale must be a positive finite number"),
+    (dict(implementation="unfold"), r"implementation must be one of \['reference'"),
+])
+def test_bad_arguments_raise_clear_errors(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    _call(**overrides)
+
+
+def test_odd_head_depth_with_relative_tables_is_an_error():
+  q = jnp.zeros((1, 5, 4, 2, 3))
+  with pytest.raises(ValueError, match="d must be even; got d=3"):
+    ops.local_attention(q, q, q, kernel_size=3, rel_h=jnp.zeros((3, 1)),
+                        rel_w=jnp.zeros((3, 1)))
+  # Without relative tables an odd depth is fine.
+  assert ops.local_attention(q, q, q, kernel_size=3).shape == q.shape
