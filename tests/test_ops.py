@@ -123,29 +123,31 @@ def test_full_window_is_global_attention(implementation):
   assert rel_error(out, want.reshape(out.shape)) < 1e-5
 
 
+def _cotangent(shape, dtype):
+  """The same random output cotangent for every run of a shape, rounded to ``dtype``."""
+  return jax.random.normal(jax.random.PRNGKey(7), shape[:5]).astype(dtype)
+
+
+def _output_and_grads(implementation, shape, cotangent, q, k, v, rel_h=None, rel_w=None):
+  """The op's output and the gradients of ``sum(output * cotangent)`` w.r.t. every input."""
+  tables = () if rel_h is None else (rel_h, rel_w)
+
+  def op(q, k, v, *tables):
+    return ops.local_attention(q, k, v, kernel_size=shape[-1], rel_h=tables[0] if tables else
+                               None, rel_w=tables[1] if tables else None,
+                               implementation=implementation)
+
+  out, vjp = jax.vjp(op, q, k, v, *tables)
+  return out, vjp(cotangent.astype(out.dtype))
+
+
 @functools.lru_cache(maxsize=None)
 def _reference_result(shape, relative, dtype):
   """Reference output and gradients in float32 on the (dtype-rounded) test inputs."""
-  (q, k, v), (rel_h, rel_w) = random_inputs(shape, relative, dtype)
+  (q, k, v), tables = random_inputs(shape, relative, dtype)
   upcast = lambda t: None if t is None else t.astype(jnp.float32)
-  q, k, v, rel_h, rel_w = map(upcast, (q, k, v, rel_h, rel_w))
-  out = ops.local_attention(q, k, v, kernel_size=shape[-1], rel_h=rel_h, rel_w=rel_w,
-                            implementation="reference")
-  return out, _loss_and_grads("reference", q, k, v, rel_h, rel_w, shape[-1], _cotangent(shape))
-
-
-def _cotangent(shape):
-  return jax.random.normal(jax.random.PRNGKey(7), shape[:5])
-
-
-def _loss_and_grads(implementation, q, k, v, rel_h, rel_w, kernel_size, cotangent):
-  def loss(q, k, v, rel_h, rel_w):
-    out = ops.local_attention(q, k, v, kernel_size=kernel_size, rel_h=rel_h, rel_w=rel_w,
-                              implementation=implementation)
-    return jnp.sum(out.astype(jnp.float32) * cotangent)
-
-  argnums = (0, 1, 2, 3, 4) if rel_h is not None else (0, 1, 2)
-  return jax.value_and_grad(loss, argnums=argnums)(q, k, v, rel_h, rel_w)
+  return _output_and_grads("reference", shape, _cotangent(shape, dtype),
+                           *map(upcast, (q, k, v, *tables)))
 
 
 @pytest.mark.parametrize("implementation", FAST_IMPLEMENTATIONS)
@@ -153,17 +155,17 @@ def _loss_and_grads(implementation, q, k, v, rel_h, rel_w, kernel_size, cotangen
 @pytest.mark.parametrize("relative", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_implementation_matches_reference(implementation, shape, relative, dtype):
-  """Forward and all gradients; bf16 runs are compared with float32 reference on the same
-  (bf16-rounded) inputs."""
-  (q, k, v), (rel_h, rel_w) = random_inputs(shape, relative, dtype)
-  got_out = ops.local_attention(q, k, v, kernel_size=shape[-1], rel_h=rel_h, rel_w=rel_w,
-                                implementation=implementation)
+  """Forward and all gradients; bf16 runs are compared with the float32 reference on the
+  same (bf16-rounded) inputs."""
+  (q, k, v), tables = random_inputs(shape, relative, dtype)
+  got_out, got = _output_and_grads(implementation, shape, _cotangent(shape, dtype), q, k, v,
+                                   *tables)
   assert got_out.dtype == dtype
-  got = _loss_and_grads(implementation, q, k, v, rel_h, rel_w, shape[-1], _cotangent(shape))
   want_out, want = _reference_result(shape, relative, dtype)
   tolerance = TOLERANCE[dtype]
   assert rel_error(got_out, want_out) < tolerance
-  for got_grad, want_grad in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+  assert len(got) == len(want) == (5 if relative else 3)
+  for got_grad, want_grad in zip(got, want):
     assert got_grad.dtype == dtype
     assert rel_error(got_grad, want_grad) < tolerance
 

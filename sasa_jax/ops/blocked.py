@@ -25,7 +25,7 @@ import numpy as np
 
 from sasa_jax.ops import _contract
 
-DEFAULT_BLOCK_SIZE = 8
+DEFAULT_BLOCK_SIZE = 4
 
 
 def _halo_blocks(x, axis: int, block: int, num_blocks: int, radius: int, halo: int):

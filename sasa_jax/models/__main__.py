@@ -1,0 +1,41 @@
+"""``python -m sasa_jax.models``: every model's parameters and FLOPs beside Table 1."""
+
+from sasa_jax import models
+
+
+def _human(n: float) -> str:
+  """``13696552 -> '13.70M'``."""
+  for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.2f}{unit}"
+  return f"{n:.0f}"
+
+
+def _relative(ours: float, paper: float) -> str:
+  return f"{100 * (ours / paper - 1):+.1f}%"
+
+
+def table() -> str:
+  """A Markdown table: each model at its data set's resolution, paper columns for
+  the ImageNet models (FLOPs = 2 x multiply-adds)."""
+  header = ("| model | input | params | FLOPs | paper params | paper FLOPs | "
+            "paper top-1 |")
+  rows = [header, "|" + "---|" * 7]
+  for name in models.list_models():
+    config = models.get_config(name)
+    ours = models.describe(name)
+    cells = [name, f"{config.image_size}x{config.image_size}x{config.in_channels}",
+             _human(ours["params"]), _human(ours["flops"])]
+    paper = config.paper
+    if paper is None:
+      cells += ["", "", ""]
+    else:
+      cells += [f"{paper.params_m}M ({_relative(ours['params'], paper.params_m * 1e6)})",
+                f"{paper.gflops}G ({_relative(ours['flops'], paper.gflops * 1e9)})",
+                f"{paper.top1}"]
+    rows.append("| " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
+if __name__ == "__main__":
+  print(table())
