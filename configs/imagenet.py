@@ -1,0 +1,70 @@
+"""ImageNet (TFDS `imagenet2012`), the paper's Table 1 models and training recipe.
+
+    python train.py --config=configs/imagenet.py:<model> --workdir=...
+
+with <model> one of MODELS below (default `sasa_resnet50`, "full attention"):
+`resnet{26,38,50}` (convolutional baselines), `sasa_resnet{26,38,50}_conv_stem`
+("conv-stem + attention") and `sasa_resnet{26,38,50}` ("full attention").
+
+From the paper (appendix): 130 epochs, Nesterov momentum SGD, batch 4096,
+learning rate 1.6 with 10 epochs of linear warm-up then cosine decay, an exponential
+moving average of the weights with decay 0.9999, BatchNorm over the global batch
+(what data-parallel `jax.jit` computes).
+
+NOT STATED in the paper; the common ResNet values (marked `# Unstated` below):
+label smoothing 0.1, weight decay 1e-4 not on BatchNorm/bias, momentum 0.9,
+224x224 inception-crop + flip for training, resize-256 / center-crop-224 for eval.
+"""
+
+from configs import default
+
+MODELS = (
+    "resnet26", "resnet38", "resnet50",
+    "sasa_resnet26_conv_stem", "sasa_resnet38_conv_stem", "sasa_resnet50_conv_stem",
+    "sasa_resnet26", "sasa_resnet38", "sasa_resnet50",
+)
+NUM_TRAIN_EXAMPLES = 1_281_167
+
+
+def get_config(model: str = "sasa_resnet50"):
+  """ImageNet config; `model` is chosen with `--config=configs/imagenet.py:<model>`."""
+  model = model or "sasa_resnet50"
+  if model not in MODELS:
+    raise ValueError(f"configs/imagenet.py: model must be one of {list(MODELS)}; "
+                     f"got {model!r}.")
+  config = default.get_config()
+  config.model = model
+
+  config.dataset = "imagenet2012"
+  config.train_split = "train"
+  config.eval_split = "validation"
+  config.image_size = 224  # Unstated.
+  config.augmentation = "inception"  # Unstated.
+  config.eval_preprocessing = "center_crop"  # Unstated.
+  config.eval_crop_fraction = 0.875  # Unstated: resize 256, center crop 224.
+  config.normalization_mean = (0.485, 0.456, 0.406)
+  config.normalization_std = (0.229, 0.224, 0.225)
+  config.data_workers = 16
+  config.data_threads = 8
+  config.compute_dtype = "bfloat16"  # Parameters stay float32.
+
+  config.batch_size = 4096  # Paper.
+  config.eval_batch_size = 4096
+  steps_per_epoch = NUM_TRAIN_EXAMPLES // config.batch_size  # 312.
+  config.num_train_steps = 130 * steps_per_epoch  # Paper: 130 epochs.
+
+  config.optimizer = "sgd"  # Paper: Nesterov momentum SGD.
+  config.nesterov = True  # Paper.
+  config.momentum = 0.9  # Unstated.
+  config.learning_rate = 1.6  # Paper (batch 4096).
+  config.lr_schedule = "cosine"  # Paper.
+  config.warmup_steps = 10 * steps_per_epoch  # Paper: 10 epochs.
+  config.weight_decay = 1e-4  # Unstated; not on BatchNorm/bias.
+  config.label_smoothing = 0.1  # Unstated.
+  config.ema_decay = 0.9999  # Paper.
+
+  config.log_every_steps = 100
+  config.eval_every_steps = 10 * steps_per_epoch
+  config.checkpoint_every_steps = 2 * steps_per_epoch
+  config.max_to_keep = 3
+  return config

@@ -1,0 +1,29 @@
+"""Errors the user can fix. ``train.py`` prints them without a traceback."""
+
+
+class Error(Exception):
+  """Base class: a clear message saying what is wrong and what to do."""
+
+
+class ConfigError(Error, ValueError):
+  """A config key or flag is unknown, missing or has a bad value."""
+
+
+class WorkdirError(Error, ValueError):
+  """The workdir holds something else, a different run, or no checkpoint."""
+
+
+class DatasetNotPreparedError(Error, RuntimeError):
+  """A TFDS dataset is not prepared in ``data_dir`` and could not be prepared."""
+
+
+class NonFiniteLossError(Error, FloatingPointError):
+  """The loss or gradients became NaN/Inf; that state is never checkpointed."""
+
+
+class DataError(Error, ValueError):
+  """An example or batch that the model cannot take (shape, channels, label)."""
+
+
+class TrainingInterrupted(Exception):
+  """SIGTERM (e.g. preemption): a checkpoint was saved; re-run to resume."""

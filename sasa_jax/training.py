@@ -1,0 +1,509 @@
+"""The training loop: ``create_train_state``, ``train_step``, ``eval_step``,
+``train_and_evaluate`` and ``evaluate``; in the mould of Flax's ``examples/imagenet``.
+
+Data parallel over every device of every host with ``jax.jit`` on a 1-D mesh
+(:mod:`sasa_jax.parallel`): the state is replicated, batches are sharded, and the
+compiler adds the all-reduces, so BatchNorm statistics are over the global batch.
+The step functions are pure; per-step randomness is ``fold_in(key(seed), step)``.
+Metrics stay on device until they are logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from sasa_jax import checkpointing
+from sasa_jax import config_validation
+from sasa_jax import input_pipeline
+from sasa_jax import models
+from sasa_jax import optimizers
+from sasa_jax import parallel
+from sasa_jax import summary_writer
+from sasa_jax.errors import (ConfigError, NonFiniteLossError, TrainingInterrupted,
+                             WorkdirError)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(train_state.TrainState):
+  """Flax's ``TrainState`` (step, params, optimizer state) plus BatchNorm
+  statistics and, when ``ema_decay > 0``, an EMA of both (``ema``, else None)."""
+
+  batch_stats: Any
+  ema: Any
+
+
+# ---------------------------------------------------------------------------
+# Building blocks.
+
+
+def create_model(config, num_classes: int):
+  """``models.create(config.model, num_classes, **config.model_overrides)``."""
+  # Lists (from a config loaded back from JSON) -> tuples: module fields are hashed.
+  overrides = {k: tuple(v) if isinstance(v, list) else v
+               for k, v in dict(config.model_overrides).items()}
+  if config.compute_dtype != "float32":
+    overrides.setdefault("dtype", _DTYPES[config.compute_dtype])
+  try:
+    return models.create(config.model, num_classes, **overrides)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.model={config.model!r} / config.model_overrides="
+                      f"{dict(config.model_overrides)!r}: {e}") from e
+
+
+def initialized(key: jax.Array, model, image_shape: Sequence[int]) -> dict[str, Any]:
+  """``model.init`` on one zero image of ``image_shape`` ``(H, W, C)``."""
+  return model.init({"params": key, "dropout": key},
+                    jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+
+def create_train_state(key: jax.Array, config, model, image_shape: Sequence[int],
+                       tx: optax.GradientTransformation) -> TrainState:
+  """Initial parameters, BatchNorm statistics, optimizer state and EMA."""
+  variables = initialized(key, model, image_shape)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  ema = None
+  if config.ema_decay > 0:
+    ema = {"params": params, "batch_stats": batch_stats}
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                           batch_stats=batch_stats, ema=ema)
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
+                       label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy with (optional) label smoothing ``(B,)``."""
+  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if label_smoothing > 0:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+  """``min(decay, (1 + step) / (10 + step))``: the usual EMA warm-up, so that the
+  average does not start from (and stay near) the random initialisation."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, key: jax.Array,
+               num_classes: int, label_smoothing: float, ema_decay: float,
+               mean: Sequence[float], std: Sequence[float]
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on a global batch; returns the new state and device metrics."""
+  images = input_pipeline.normalize_images(batch["image"], mean, std)
+  labels = batch["label"]
+  step_key = jax.random.fold_in(key, state.step)
+
+  def loss_fn(params):
+    logits, new_model_state = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+        mutable=["batch_stats"], rngs={"dropout": step_key})
+    loss = cross_entropy_loss(logits, labels, num_classes, label_smoothing).mean()
+    return loss, (logits, new_model_state)
+
+  (loss, (logits, new_model_state)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(
+      grads=grads, batch_stats=new_model_state.get("batch_stats", state.batch_stats))
+  if state.ema is not None:
+    d = ema_decay_at(state.step, ema_decay)
+    new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema,
+                           {"params": new_state.params,
+                            "batch_stats": new_state.batch_stats})
+    new_state = new_state.replace(ema=new_ema)
+  grad_norm = optax.global_norm(grads)
+  metrics = {
+      "loss": loss,
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+      "grad_norm": grad_norm,
+      # The state after this step may be checkpointed only if all of it is finite.
+      "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                 & _all_finite(new_state.params)),
+  }
+  return new_state, metrics
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """Whether every element is finite (a norm could overflow where values do not)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
+              apply_fn, num_classes: int, mean: Sequence[float],
+              std: Sequence[float]) -> dict[str, jax.Array]:
+  """Sums over the (masked) global batch: loss, top-1 (and top-5) hits, count."""
+  images = input_pipeline.normalize_images(batch["image"], mean, std)
+  labels, mask = batch["label"], batch["mask"]
+  logits = apply_fn(variables, images, train=False).astype(jnp.float32)
+  loss = cross_entropy_loss(logits, labels, num_classes)
+  sums = {
+      "loss": jnp.sum(loss * mask),
+      "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+      "count": jnp.sum(mask),
+  }
+  if num_classes > 5:
+    _, top5 = jax.lax.top_k(logits, 5)
+    sums["top5"] = jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask)
+  return sums
+
+
+# ---------------------------------------------------------------------------
+# The pieces a run is made of, shared by training and evaluation.
+
+
+class _Setup:
+  """Everything built from the config before the first step (no compilation)."""
+
+  def __init__(self, config, workdir: str):
+    config_validation.validate_config(config)
+    checkpointing.check_workdir(workdir)
+    self.config = config
+    self.workdir = workdir
+    self.mesh = parallel.create_mesh()
+    config_validation.check_batch_sizes(config, jax.device_count(),
+                                        jax.process_count())
+    self.info = input_pipeline.get_dataset_info(config)
+    config_validation.check_channels(config, self.info.num_channels)
+    self.model = create_model(config, self.info.num_classes)
+    self.image_shape = (config.image_size, config.image_size, self.info.num_channels)
+    self.schedule = optimizers.create_learning_rate_schedule(config)
+    self.tx = optimizers.create_optimizer(config, self.schedule)
+    self.replicated = parallel.replicated(self.mesh)
+    self.data_sharding = parallel.data_sharded(self.mesh)
+    root = jax.random.key(config.seed)
+    self.init_key = jax.random.fold_in(root, 0)
+    self.step_key = jax.random.fold_in(root, 1)
+    self.norm = dict(mean=tuple(config.normalization_mean),
+                     std=tuple(config.normalization_std))
+
+  def init_fn(self):
+    return functools.partial(create_train_state, config=self.config,
+                             model=self.model, image_shape=self.image_shape,
+                             tx=self.tx)
+
+  def abstract_state(self) -> TrainState:
+    abstract = jax.eval_shape(self.init_fn(), self.init_key)
+    return parallel.with_sharding(abstract, self.replicated)
+
+  def initial_state(self) -> TrainState:
+    return jax.jit(self.init_fn(), out_shardings=self.replicated)(self.init_key)
+
+  def jitted_eval_step(self):
+    fn = functools.partial(eval_step, apply_fn=self.model.apply,
+                           num_classes=self.info.num_classes, **self.norm)
+    return jax.jit(fn, out_shardings=self.replicated)
+
+  def evaluate(self, state: TrainState, eval_source, p_eval_step
+               ) -> dict[str, dict[str, float]]:
+    """Metrics of the raw weights (``'params'``) and, if kept, the EMA (``'ema'``)."""
+    weights = {"params": {"params": state.params, "batch_stats": state.batch_stats}}
+    if state.ema is not None:
+      weights["ema"] = state.ema
+    return {name: evaluate_model(p_eval_step, variables,
+                                 input_pipeline.eval_iterator(eval_source, self.config,
+                                                              info=self.info),
+                                 self.data_sharding)
+            for name, variables in weights.items()}
+
+
+def evaluate_model(p_eval_step, variables, batches: Iterable[dict[str, np.ndarray]],
+                   data_sharding) -> dict[str, float]:
+  """Runs ``p_eval_step`` over ``batches``; averages on the host at the end."""
+  totals = None
+  for host_batch in batches:
+    sums = p_eval_step(variables, parallel.global_batch(host_batch, data_sharding))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError("The eval split produced no batches.")
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  out = {"loss": float(totals["loss"]) / count,
+         "accuracy": float(totals["top1"]) / count,
+         "num_examples": int(count)}
+  if "top5" in totals:
+    out["top5_accuracy"] = float(totals["top5"]) / count
+  return out
+
+
+def _eval_scalars(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+  scalars = {}
+  for name, metrics in results.items():
+    prefix = "eval" if name == "params" else "eval_ema"
+    for key, value in metrics.items():
+      if key != "num_examples":
+        scalars[f"{prefix}/{key}"] = value
+  return scalars
+
+
+def _check_finite(pending: Sequence[tuple[int, Mapping[str, jax.Array]]]) -> None:
+  """Raises :class:`NonFiniteLossError` naming the first step whose loss or
+  gradient norm was NaN/Inf."""
+  if not pending:
+    return
+  flags = jax.device_get([m["finite"] for _, m in pending])
+  for (step, metrics), ok in zip(pending, flags):
+    if not ok:
+      loss, grad_norm = jax.device_get((metrics["loss"], metrics["grad_norm"]))
+      raise NonFiniteLossError(
+          f"Non-finite training loss, gradients or parameters at step {step} "
+          f"(loss={loss}, grad_norm={grad_norm}). Stopping; no checkpoint of this "
+          f"state was written, the last one is still valid. Lower "
+          f"config.learning_rate, set config.grad_clip_norm, or check the data.")
+
+
+# ---------------------------------------------------------------------------
+# The two entry points.
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming from its newest valid checkpoint).
+
+  SIGTERM checkpoints after the current step and raises ``TrainingInterrupted``.
+
+  Returns ``{'step', 'train': last logged train metrics, 'eval': last eval
+  metrics}`` (the eval metrics of the EMA weights when ``ema_decay > 0``).
+  """
+  setup = _Setup(config, workdir)
+  checkpointing.check_config_matches(workdir, config)
+  checkpointer = checkpointing.Checkpointer(
+      workdir, max_to_keep=config.max_to_keep,
+      async_checkpointing=config.async_checkpointing)
+  train_iter = None
+  writer = None
+  progress = None
+  try:
+    restored = checkpointer.restore_latest(setup.abstract_state())
+    if restored is None:
+      state = setup.initial_state()
+      start_step = 0
+    else:
+      _, state, data_position = restored
+      start_step = int(jax.device_get(state.step))
+      _check_data_position(data_position, start_step, config)
+      logging.info("Resuming from %s at step %d.", checkpointer.directory, start_step)
+    checkpointing.save_config(workdir, config)
+
+    is_main = parallel.is_main_process()
+    writer = summary_writer.MetricWriter(
+        os.path.join(workdir, checkpointing.TENSORBOARD_DIR), enabled=is_main)
+    if start_step == 0:
+      writer.write_text(0, "config", "```\n" + json.dumps(
+          config_validation.config_to_dict(config), indent=2) + "\n```")
+    p_train_step = jax.jit(
+        functools.partial(train_step, key=setup.step_key,
+                          num_classes=setup.info.num_classes,
+                          label_smoothing=config.label_smoothing,
+                          ema_decay=config.ema_decay, **setup.norm),
+        out_shardings=(setup.replicated, setup.replicated),
+        donate_argnums=(0,))
+    p_eval_step = setup.jitted_eval_step()
+    train_source = input_pipeline.create_source(config, config.train_split)
+    eval_source = input_pipeline.create_source(config, config.eval_split)
+
+    num_steps = config.num_train_steps
+    logging.info("Training %s on %s: steps %d -> %d, global batch %d over %d "
+                 "device(s) in %d process(es); workdir %s.", config.model,
+                 config.dataset, start_step, num_steps, config.batch_size,
+                 jax.device_count(), jax.process_count(), os.path.abspath(workdir))
+    train_iter = input_pipeline.train_iterator(train_source, config,
+                                               start_step=start_step, info=setup.info)
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+    progress = tqdm(total=num_steps, initial=start_step, unit="step", desc="train",
+                    disable=not is_main, dynamic_ncols=True)
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, dict[str, float]] = {}
+    timer_step, timer_start = start_step, time.perf_counter()
+    with _StopOnSigterm() as stop:
+      for step in range(start_step + 1, num_steps + 1):
+        batch = parallel.global_batch(next(train_iter), setup.data_sharding)
+        state, metrics = p_train_step(state, batch)
+        pending.append((step, metrics))
+        progress.update(1)
+        if step == start_step + 1:  # Do not count compilation in images/s.
+          jax.block_until_ready(metrics)
+          timer_step, timer_start = step, time.perf_counter()
+        is_last = step == num_steps
+        if step % config.log_every_steps == 0 or is_last:
+          _check_finite(pending)
+          host = jax.device_get([m for _, m in pending])
+          last_train = {f"train/{k}": float(np.mean([m[k] for m in host]))
+                        for k in ("loss", "accuracy", "grad_norm")}
+          last_train["train/learning_rate"] = float(setup.schedule(step - 1))
+          elapsed = time.perf_counter() - timer_start
+          if step > timer_step and elapsed > 0:
+            rate = (step - timer_step) / elapsed
+            last_train["train/steps_per_second"] = rate
+            last_train["train/images_per_second"] = rate * config.batch_size
+          writer.write_scalars(step, last_train)
+          progress.set_postfix(loss=f"{last_train['train/loss']:.4f}")
+          pending.clear()
+          timer_step, timer_start = step, time.perf_counter()
+        if step % config.eval_every_steps == 0 or is_last:
+          last_eval = setup.evaluate(state, eval_source, p_eval_step)
+          writer.write_scalars(step, _eval_scalars(last_eval))
+          progress.write(_eval_line(step, last_eval))
+          timer_start = time.perf_counter()  # Do not count evaluation in images/s.
+        stopping = stop.requested(step)
+        if step % config.checkpoint_every_steps == 0 or is_last or stopping:
+          _check_finite(pending)
+          checkpointer.save(step, state, _data_position(step, config))
+        if stopping and not is_last:
+          checkpointer.wait_until_finished()
+          raise TrainingInterrupted(
+              f"Stopped by SIGTERM after step {step}, saved a checkpoint in "
+              f"{checkpointer.directory}. Re-run the same command to resume.")
+    if start_step >= num_steps:
+      logging.info("Already trained to step %d (num_train_steps=%d); evaluating.",
+                   start_step, num_steps)
+      last_eval = setup.evaluate(state, eval_source, p_eval_step)
+      progress.write(_eval_line(start_step, last_eval))
+  finally:
+    if progress is not None:
+      progress.close()
+    if train_iter is not None:
+      input_pipeline.close(train_iter)
+    checkpointer.close()
+    if writer is not None:
+      writer.close()
+  final_step = max(start_step, num_steps)
+  summary = {"step": final_step, "start_step": start_step, "train": last_train,
+             "eval": last_eval.get("ema", last_eval.get("params", {})),
+             "eval_params": last_eval.get("params", {})}
+  if is_main:
+    print(f"Trained {config.model} to step {final_step}; workdir: "
+          f"{os.path.abspath(workdir)} (checkpoints in "
+          f"{checkpointer.directory}, TensorBoard logs in "
+          f"{os.path.abspath(writer.logdir)}).", flush=True)
+  return summary
+
+
+def evaluate(config, workdir: str, checkpoint_step: int | None = None
+             ) -> dict[str, Any]:
+  """Restores a checkpoint of ``workdir`` (the latest, or ``checkpoint_step``),
+  evaluates it on ``config.eval_split`` and writes ``<workdir>/evaluation.json``.
+
+  ``config=None`` uses the config saved in the workdir. The top-level metrics are
+  those of the EMA weights when the run keeps an EMA (the paper's), else of the
+  raw weights; both are in the file.
+  """
+  if not os.path.isdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)):
+    raise WorkdirError(
+        f"workdir={workdir!r} holds no checkpoints to evaluate; train first with "
+        f"`python train.py --config=... --workdir={workdir}`.")
+  if config is None:
+    saved = checkpointing.load_config_dict(workdir)
+    if saved is None:
+      raise WorkdirError(
+          f"workdir={workdir!r} has no {checkpointing.CONFIG_FILE}; pass --config.")
+    import ml_collections  # pylint: disable=g-import-not-at-top
+
+    config = ml_collections.ConfigDict(saved)
+  setup = _Setup(config, workdir)
+  checkpointing.check_config_matches(workdir, config)
+  checkpointer = checkpointing.Checkpointer(workdir, read_only=True,
+                                            async_checkpointing=False)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise WorkdirError(
+          f"workdir={workdir!r} holds no checkpoints to evaluate; train first.")
+    if checkpoint_step is None:  # The newest readable one.
+      step, state, _ = checkpointer.restore_latest(setup.abstract_state())
+    else:
+      if checkpoint_step not in steps:
+        raise ConfigError(f"--checkpoint_step={checkpoint_step}: no such checkpoint "
+                          f"in {checkpointer.directory}; available steps: {steps}.")
+      step = checkpoint_step
+      checkpointer.check_compatible(step, setup.abstract_state())
+      state = checkpointer.restore_state(step, setup.abstract_state())
+  finally:
+    checkpointer.close()
+  eval_source = input_pipeline.create_source(config, config.eval_split)
+  results = setup.evaluate(state, eval_source, setup.jitted_eval_step())
+  main = results.get("ema", results["params"])
+  report = {"step": int(step), **main,
+            "weights": "ema" if "ema" in results else "params",
+            "model": config.model, "dataset": config.dataset,
+            "split": config.eval_split, "metrics": results}
+  if parallel.is_main_process():
+    path = os.path.join(workdir, checkpointing.EVALUATION_FILE)
+    with open(path + ".tmp", "w") as f:
+      json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(_eval_line(step, results) + f"\nWrote {os.path.abspath(path)}", flush=True)
+  return report
+
+
+class _StopOnSigterm:
+  """Turns SIGTERM (preemption, `kill`) into "checkpoint after this step and stop".
+
+  With several processes all of them must stop at the same step: JAX's preemption
+  sync point (``jax.distributed``'s preemption service catches SIGTERM) decides.
+  """
+
+  def __init__(self):
+    self._signalled = False
+    self._previous = None
+
+  def __enter__(self) -> "_StopOnSigterm":
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self._signalled = True
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._signalled
+
+
+def _data_position(step: int, config) -> dict[str, Any]:
+  """The input pipeline's position: the next global batch is number ``step``."""
+  return {"next_batch": int(step), "batch_size": int(config.batch_size),
+          "seed": int(config.seed)}
+
+
+def _check_data_position(position: Mapping[str, Any] | None, step: int,
+                         config) -> None:
+  expected = _data_position(step, config)
+  if position is None or dict(position) != expected:
+    raise WorkdirError(
+        f"The checkpoint at step {step} records the data position {position}, "
+        f"expected {expected}: its data stream does not match this config.")
+
+
+def _eval_line(step: int, results: Mapping[str, Mapping[str, float]]) -> str:
+  parts = []
+  for name, m in results.items():
+    top5 = f", top-5 {m['top5_accuracy']:.2%}" if "top5_accuracy" in m else ""
+    weights = "EMA weights" if name == "ema" else "weights"
+    parts.append(f"{weights}: loss {m['loss']:.4f}, top-1 {m['accuracy']:.2%}{top5} "
+                 f"on {m['num_examples']} examples")
+  return f"[step {step}] eval " + "; ".join(parts)
+

@@ -1,0 +1,169 @@
+"""Shared fixtures: tiny training configs and a tiny TFDS dataset built locally."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `from configs import default`, as train.py does.
+  sys.path.insert(0, str(REPO))
+
+TINY_TFDS_NAME = "sasa_test_digits"
+TINY_TFDS_SPLITS = {"train": (0, 96), "test": (96, 136)}
+
+
+def tiny_config(**overrides):
+  """configs/default.py shrunk to a few steps of a narrower ``sasa_tiny``."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  config = default.get_config()
+  config.model_overrides = {"width": 8}
+  config.update(batch_size=16, eval_batch_size=120, num_train_steps=4,
+                warmup_steps=1, log_every_steps=2, eval_every_steps=4,
+                checkpoint_every_steps=2)
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture
+def make_config():
+  """``make_config(**overrides)``: a tiny config (see :func:`tiny_config`)."""
+  return tiny_config
+
+
+@pytest.fixture(scope="session")
+def jax_compilation_cache(tmp_path_factory) -> str:
+  """A persistent XLA compilation cache shared by this session's training tests
+  (in process and in subprocesses, through JAX_COMPILATION_CACHE_DIR): the tiny
+  runs compile the same programs, and compiling dominates their run time."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  cache_dir = str(tmp_path_factory.mktemp("jax_cache"))
+  previous = {k: getattr(jax.config, k) for k in _CACHE_SETTINGS}
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  _reset_compilation_cache()  # Takes effect even if something compiled before.
+  yield cache_dir
+  for key, value in previous.items():
+    jax.config.update(key, value)
+  _reset_compilation_cache()
+
+
+def _reset_compilation_cache() -> None:
+  try:
+    from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+
+    compilation_cache.reset_cache()
+  except (ImportError, AttributeError):  # Private API: only a speed-up if missing.
+    pass
+
+
+_CACHE_SETTINGS = ("jax_compilation_cache_dir",
+                   "jax_persistent_cache_min_compile_time_secs",
+                   "jax_persistent_cache_min_entry_size_bytes")
+
+
+def subprocess_env(cache_dir: str | None = None, **extra: str) -> dict[str, str]:
+  """The environment for a child Python: this one, plus the compilation cache."""
+  env = dict(os.environ)
+  if cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.update(extra)
+  return env
+
+
+def run_train_py(*args: str, cwd: str | Path = REPO, cache_dir: str | None = None,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+  """Runs ``python train.py ARGS`` (in ``cwd``); captures its output."""
+  return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd,
+                        env=subprocess_env(cache_dir), capture_output=True,
+                        text=True, timeout=timeout, check=False)
+
+
+def _tiny_builder_classes():
+  """The test's TFDS builders (defined once: TFDS registers classes by name)."""
+  if "classes" in _tiny_builder_classes.__dict__:
+    return _tiny_builder_classes.classes
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  class SasaTestDigits(tfds.core.GeneratorBasedBuilder):
+    """136 real 8x8 handwritten digits (scikit-learn) as PNGs, in two splits."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(8, 8, 1)),
+              "label": tfds.features.ClassLabel(num_classes=10),
+          }),
+          supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(*bounds)
+              for split, bounds in TINY_TFDS_SPLITS.items()}
+
+    def _generate_examples(self, lo, hi):
+      digits = load_digits()
+      for i in range(lo, hi):
+        yield i, {"image": (digits.images[i] * 15).astype(np.uint8)[..., None],
+                  "label": int(digits.target[i])}
+
+  class SasaTestManual(tfds.core.GeneratorBasedBuilder):
+    """A dataset that needs a manual download (like imagenet2012)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Put sasa_test_manual.tar in the manual dir."
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(8, 8, 1)),
+              "label": tfds.features.ClassLabel(num_classes=2),
+          }))
+
+    def _split_generators(self, dl_manager):
+      path = dl_manager.manual_dir / "sasa_test_manual.tar"
+      if not path.exists():
+        raise AssertionError(f"{path} not found. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      yield from ()
+
+  _tiny_builder_classes.classes = (SasaTestDigits, SasaTestManual)
+  return _tiny_builder_classes.classes
+
+
+@pytest.fixture(scope="session")
+def tiny_tfds_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir holding ``sasa_test_digits`` prepared as ArrayRecord.
+
+  Building needs TensorFlow (the ``[data]`` extra); reading does not.
+  """
+  pytest.importorskip("tensorflow")
+  data_dir = tmp_path_factory.mktemp("tfds")
+  builder_cls, _ = _tiny_builder_classes()
+  builder_cls(data_dir=str(data_dir)).download_and_prepare(file_format="array_record")
+  return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def manual_tfds_builder() -> str:
+  """The name of a registered TFDS dataset that needs a manual download."""
+  pytest.importorskip("tensorflow")
+  _tiny_builder_classes()
+  return "sasa_test_manual"

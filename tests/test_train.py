@@ -1,0 +1,214 @@
+"""Training: config checks, the step functions, and end-to-end runs of the real
+``train_and_evaluate`` / ``evaluate`` (in process and through ``train.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sasa_jax import checkpointing
+from sasa_jax import config_validation
+from sasa_jax import optimizers
+from sasa_jax import training
+from sasa_jax.errors import ConfigError, NonFiniteLossError, WorkdirError
+
+pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
+
+# ---------------------------------------------------------------------------
+# Bad configs and workdirs: clear errors before anything is compiled.
+
+
+def test_unknown_missing_and_bad_keys(make_config):
+  config = make_config()
+  config.bach_size = 3
+  config.learning_rate = -1.0
+  del config["momentum"]
+  with pytest.raises(ConfigError) as err:
+    config_validation.validate_config(config)
+  message = str(err.value)
+  assert "unknown config key 'bach_size' (did you mean 'batch_size'?)" in message
+  assert "missing config key 'momentum'" in message
+  assert "config.learning_rate=-1.0 is invalid: allowed a float > 0" in message
+  with pytest.raises(ConfigError, match="config.optimizer='adam'.*'sgd' or 'adamw'"):
+    config_validation.validate_config(make_config(optimizer="adam"))
+
+
+def test_batch_not_divisible_by_devices(make_config):
+  config_validation.check_batch_sizes(make_config(batch_size=16), 8, 1)
+  with pytest.raises(ConfigError, match=r"config.batch_size=12 is not divisible by "
+                     r"the number of devices \(8 .*e.g. 8 or 16"):
+    config_validation.check_batch_sizes(make_config(batch_size=12), 8, 1)
+
+
+def test_unknown_model_fails_before_training(make_config, tmp_path):
+  with pytest.raises(ConfigError, match="Unknown model name 'sasa_tinny'"):
+    training.train_and_evaluate(make_config(model="sasa_tinny"), str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_workdir_holding_something_else(make_config, tmp_path):
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(WorkdirError, match="holds no sasa_jax run.*notes.txt"):
+    training.train_and_evaluate(make_config(), str(tmp_path))
+
+
+def test_workdir_of_another_experiment(make_config, tmp_path):
+  checkpointing.save_config(str(tmp_path), make_config(model="resnet_tiny"))
+  checkpointing.check_config_matches(str(tmp_path), make_config(model="resnet_tiny",
+                                                                num_train_steps=9))
+  with pytest.raises(WorkdirError) as err:
+    training.train_and_evaluate(make_config(learning_rate=0.5), str(tmp_path))
+  message = str(err.value)
+  assert "model: saved='resnet_tiny', now='sasa_tiny'" in message
+  assert "learning_rate: saved=0.1, now=0.5" in message
+  assert "num_train_steps" not in message  # Loop settings may change on resume.
+
+
+# ---------------------------------------------------------------------------
+# Pieces of the step.
+
+
+def test_learning_rate_schedule(make_config):
+  schedule = optimizers.create_learning_rate_schedule(
+      make_config(learning_rate=1.6, warmup_steps=10, num_train_steps=110))
+  values = [float(schedule(s)) for s in (0, 5, 10, 60, 110)]
+  np.testing.assert_allclose(values, [0.0, 0.8, 1.6, 0.8, 0.0], atol=1e-6)
+  constant = optimizers.create_learning_rate_schedule(
+      make_config(learning_rate=0.3, warmup_steps=0, lr_schedule="constant"))
+  assert float(constant(0)) == float(constant(1000)) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_weight_decay_skips_batchnorm_and_biases(make_config, optimizer):
+  config = make_config(optimizer=optimizer, weight_decay=0.1, learning_rate=1.0,
+                       warmup_steps=0, lr_schedule="constant", momentum=0.0)
+  tx = optimizers.create_optimizer(
+      config, optimizers.create_learning_rate_schedule(config))
+  params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))},
+            "bn": {"scale": jnp.ones((2,)), "bias": jnp.ones((2,))}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  assert float(jnp.abs(updates["conv"]["kernel"]).min()) > 0
+  assert float(jnp.abs(updates["bn"]["scale"]).max()) == 0
+  assert float(jnp.abs(updates["bn"]["bias"]).max()) == 0
+
+
+def test_gradient_clipping(make_config):
+  config = make_config(grad_clip_norm=1.0, weight_decay=0.0, learning_rate=1.0,
+                       warmup_steps=0, lr_schedule="constant", momentum=0.0)
+  tx = optimizers.create_optimizer(
+      config, optimizers.create_learning_rate_schedule(config))
+  params = {"w": jnp.zeros((4,))}
+  updates, _ = tx.update({"w": jnp.full((4,), 10.0)}, tx.init(params), params)
+  assert float(optax.global_norm(updates)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_loss_and_ema_helpers():
+  logits = jnp.array([[10.0, 0.0, 0.0]])
+  plain = training.cross_entropy_loss(logits, jnp.array([0]), 3)
+  smooth = training.cross_entropy_loss(logits, jnp.array([0]), 3, 0.1)
+  assert float(plain[0]) < 1e-3 < float(smooth[0])
+  assert float(training.ema_decay_at(jnp.array(0), 0.9999)) == pytest.approx(0.1)
+  assert float(training.ema_decay_at(jnp.array(10**6), 0.9999)) == pytest.approx(0.9999)
+
+
+def test_non_finite_loss_names_the_step():
+  ok = {"finite": jnp.array(True), "loss": jnp.array(1.0), "grad_norm": jnp.array(1.0)}
+  bad = {"finite": jnp.array(False), "loss": jnp.array(jnp.nan),
+         "grad_norm": jnp.array(jnp.inf)}
+  training._check_finite([(7, ok)])  # pylint: disable=protected-access
+  with pytest.raises(NonFiniteLossError, match="at step 8 .*no checkpoint"):
+    training._check_finite([(7, ok), (8, bad), (9, bad)])  # pylint: disable=protected-access
+
+
+# ---------------------------------------------------------------------------
+# End to end, in process.
+
+
+def _params(workdir: str, config, step: int):
+  setup = training._Setup(config, workdir)  # pylint: disable=protected-access
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  try:
+    return jax.device_get(ckpt.restore_state(step, setup.abstract_state()))
+  finally:
+    ckpt.close()
+
+
+@pytest.mark.slow
+def test_train_resume_evaluate_in_process(make_config, tmp_path):
+  """A 6-step run; the same run resumed from its step-4 checkpoint ends with the
+  same parameters; re-running a finished run only evaluates; evaluate() writes
+  evaluation.json for the latest or a chosen checkpoint."""
+  config = make_config(num_train_steps=6)
+  straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  straight = training.train_and_evaluate(config, straight_dir)
+  assert straight["step"] == 6 and straight["start_step"] == 0
+  ckpt_dir = os.path.join(straight_dir, "checkpoints")
+  assert sorted(os.listdir(ckpt_dir), key=int) == ["2", "4", "6"]
+  assert os.listdir(os.path.join(straight_dir, "tensorboard"))
+  assert checkpointing.load_config_dict(straight_dir)["num_train_steps"] == 6
+  assert np.isfinite(straight["train"]["train/loss"])
+  assert straight["eval"]["num_examples"] == 360
+
+  # As if the run had been killed after saving step 4.
+  shutil.copytree(straight_dir, resumed_dir)
+  shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "6"))
+  resumed = training.train_and_evaluate(config, resumed_dir)
+  assert resumed["start_step"] == 4 and resumed["step"] == 6
+  a, b = _params(straight_dir, config, 6), _params(resumed_dir, config, 6)
+  assert int(a.step) == int(b.step) == 6
+  jax.tree.map(np.testing.assert_array_equal, (a.params, a.batch_stats, a.opt_state),
+               (b.params, b.batch_stats, b.opt_state))
+  assert resumed["eval"] == straight["eval"]
+
+  again = training.train_and_evaluate(config, straight_dir)  # Nothing left to do.
+  assert again["start_step"] == again["step"] == 6
+  assert again["eval"] == straight["eval"]
+
+  report = training.evaluate(None, resumed_dir)  # The config saved in the workdir.
+  with open(os.path.join(resumed_dir, "evaluation.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk == json.loads(json.dumps(report))
+  assert on_disk["step"] == 6 and {"loss", "accuracy", "top5_accuracy"} <= set(on_disk)
+  assert on_disk["accuracy"] == pytest.approx(straight["eval"]["accuracy"])
+  assert on_disk["loss"] == pytest.approx(straight["eval"]["loss"], rel=1e-6)
+  assert on_disk["top5_accuracy"] >= on_disk["accuracy"]
+  earlier = training.evaluate(config, resumed_dir, checkpoint_step=2)
+  assert earlier["step"] == 2 and earlier["loss"] != on_disk["loss"]
+  with pytest.raises(ConfigError, match=r"available steps: \[2, 4, 6\]"):
+    training.evaluate(None, resumed_dir, checkpoint_step=5)
+
+
+@pytest.mark.slow
+def test_every_option_on_a_tfds_dataset(make_config, tiny_tfds_dir, tmp_path):
+  """bfloat16 compute with float32 parameters, an EMA of the weights (evaluated and
+  checkpointed), AdamW, clipping, label smoothing, CIFAR augmentation, over TFDS."""
+  config = make_config(
+      dataset="sasa_test_digits", data_dir=tiny_tfds_dir, augmentation="cifar",
+      batch_size=8, eval_batch_size=16, num_train_steps=3, checkpoint_every_steps=3,
+      eval_every_steps=3, compute_dtype="bfloat16", ema_decay=0.99,
+      optimizer="adamw", weight_decay=1e-4, learning_rate=1e-3, grad_clip_norm=1.0,
+      label_smoothing=0.1)
+  assert training.create_model(config, 10).dtype == jnp.bfloat16
+  workdir = str(tmp_path / "run")
+  summary = training.train_and_evaluate(config, workdir)
+  assert summary["eval"]["num_examples"] == 40  # The TFDS test split.
+  assert np.isfinite(summary["train"]["train/loss"])
+  state = _params(workdir, config, 3)
+  dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.ema))}
+  assert dtypes == {np.dtype(np.float32)}
+  moved = jax.tree.map(lambda e, p: float(np.abs(e - p).max()),
+                       state.ema["params"], state.params)
+  assert max(jax.tree.leaves(moved)) > 0  # The EMA lags the weights.
+  report = training.evaluate(None, workdir)
+  assert report["weights"] == "ema" and set(report["metrics"]) == {"params", "ema"}
+  assert report["accuracy"] == report["metrics"]["ema"]["accuracy"]
+  assert report["metrics"]["params"]["loss"] == pytest.approx(
+      summary["eval_params"]["loss"], rel=1e-5)

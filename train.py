@@ -1,0 +1,96 @@
+r"""Trains or evaluates a SASA model: the command-line entry point.
+
+    python train.py                                   # default config, default workdir
+    python train.py --config=configs/cifar10.py --workdir=/tmp/cifar
+    python train.py --config=configs/imagenet.py:sasa_resnet26 --workdir=... \
+        --config.batch_size=1024 --config.learning_rate=0.4
+    python train.py --workdir=/tmp/cifar --mode=evaluate [--checkpoint_step=N]
+
+Re-running a command on a workdir that holds checkpoints resumes it. Every
+hyperparameter is a config key (override any with --config.<key>=<value>); the flags
+below only say what to do and where.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
+if _HERE not in sys.path:  # Configs import each other as `from configs import ...`.
+  sys.path.insert(0, _HERE)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG,
+    "Config file: `configs/<name>.py` or `configs/<name>.py:<arg>`; override keys "
+    "with --config.<key>=<value>.", lock_config=False, accept_new_attributes=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None,
+    "Directory for checkpoints, config.json, TensorBoard logs and evaluation.json. "
+    "Default: ./workdirs/<config name>.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
+                          "train (resumes if the workdir has checkpoints) or "
+                          "evaluate (writes <workdir>/evaluation.json).")
+_CHECKPOINT_STEP = flags.DEFINE_integer(
+    "checkpoint_step", None, "With --mode=evaluate: the checkpoint step to "
+    "evaluate (default: the latest).", lower_bound=0)
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first (one process per "
+    "host; the coordinator is auto-detected on TPU/SLURM/Kubernetes or read from "
+    "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).")
+
+
+def default_workdir(config_flag: str) -> str:
+  """``./workdirs/<config file name>[_<arg>]``."""
+  path, _, arg = config_flag.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("workdirs", f"{name}_{arg}" if arg else name)
+
+
+class _LibraryInfoFilter:
+  """Drops INFO logs of Orbax, grain and JAX (very chatty); keeps their warnings."""
+
+  _PATHS = ("/orbax/", "/grain/", "/jax/", "/jaxlib/")
+
+  def filter(self, record) -> bool:
+    return (record.levelno >= logging.converter.STANDARD_WARNING
+            or not any(p in record.pathname for p in self._PATHS))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if _CHECKPOINT_STEP.value is not None and _MODE.value != "evaluate":
+    raise app.UsageError("--checkpoint_step is only used with --mode=evaluate.")
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  if _MULTIHOST.value:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    jax.distributed.initialize()
+  # Imported here so that flag errors come before the (slower) JAX imports.
+  from sasa_jax import errors  # pylint: disable=g-import-not-at-top
+  from sasa_jax import training  # pylint: disable=g-import-not-at-top
+
+  config_flag = flags.FLAGS["config"].config_filename
+  workdir = _WORKDIR.value or default_workdir(config_flag)
+  logging.info("Config %s, workdir %s", config_flag, os.path.abspath(workdir))
+  try:
+    if _MODE.value == "train":
+      training.train_and_evaluate(_CONFIG.value, workdir)
+    else:
+      # Without --config, evaluate with the config saved in the workdir.
+      config = _CONFIG.value if flags.FLAGS["config"].present else None
+      training.evaluate(config, workdir, checkpoint_step=_CHECKPOINT_STEP.value)
+  except errors.TrainingInterrupted as e:  # SIGTERM: checkpointed, resumable.
+    print(f"train.py: {e}", file=sys.stderr, flush=True)
+    sys.exit(128 + 15)
+  except errors.Error as e:  # A problem the user can fix: no traceback.
+    sys.exit(f"train.py: error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
