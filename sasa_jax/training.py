@@ -166,8 +166,17 @@ def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
 # The pieces a run is made of, shared by training and evaluation.
 
 
-class _Setup:
-  """Everything built from the config before the first step (no compilation)."""
+class Experiment:
+  """Everything a run builds from its config before the first step (nothing compiled).
+
+  ``train_and_evaluate`` and ``evaluate`` are made of its pieces; a notebook can use them
+  one at a time: ``initial_state()`` / ``abstract_state()`` (the structure to restore a
+  checkpoint onto), ``jitted_train_step()``, ``jitted_eval_step()``, ``evaluate(...)``.
+  Attributes: ``config``, ``workdir``, ``mesh``, ``info`` (the dataset's
+  ``DatasetInfo``), ``model``, ``image_shape`` ``(H, W, C)``, ``schedule``, ``tx``, the
+  ``replicated`` and ``data_sharding`` shardings, and the ``init_key`` / ``step_key``
+  folded from ``config.seed``.
+  """
 
   def __init__(self, config, workdir: str):
     config_validation.validate_config(config)
@@ -202,6 +211,13 @@ class _Setup:
 
   def initial_state(self) -> TrainState:
     return jax.jit(self.init_fn(), out_shardings=self.replicated)(self.init_key)
+
+  def jitted_train_step(self):
+    """``train_step`` with this run's settings, jitted; donates the input state."""
+    fn = functools.partial(train_step, key=self.step_key, num_classes=self.info.num_classes,
+                           label_smoothing=self.config.label_smoothing,
+                           ema_decay=self.config.ema_decay, **self.norm)
+    return jax.jit(fn, out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
 
   def jitted_eval_step(self):
     fn = functools.partial(eval_step, apply_fn=self.model.apply,
@@ -278,7 +294,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   Returns ``{'step', 'train': last logged train metrics, 'eval': last eval
   metrics}`` (the eval metrics of the EMA weights when ``ema_decay > 0``).
   """
-  setup = _Setup(config, workdir)
+  setup = Experiment(config, workdir)
   checkpointing.check_config_matches(workdir, config)
   checkpointer = checkpointing.Checkpointer(
       workdir, max_to_keep=config.max_to_keep,
@@ -292,9 +308,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       state = setup.initial_state()
       start_step = 0
     else:
-      _, state, data_position = restored
+      _, state, saved_position = restored
       start_step = int(jax.device_get(state.step))
-      _check_data_position(data_position, start_step, config)
+      _check_data_position(saved_position, start_step, config)
       logging.info("Resuming from %s at step %d.", checkpointer.directory, start_step)
     checkpointing.save_config(workdir, config)
 
@@ -304,13 +320,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if start_step == 0:
       writer.write_text(0, "config", "```\n" + json.dumps(
           config_validation.config_to_dict(config), indent=2) + "\n```")
-    p_train_step = jax.jit(
-        functools.partial(train_step, key=setup.step_key,
-                          num_classes=setup.info.num_classes,
-                          label_smoothing=config.label_smoothing,
-                          ema_decay=config.ema_decay, **setup.norm),
-        out_shardings=(setup.replicated, setup.replicated),
-        donate_argnums=(0,))
+    p_train_step = setup.jitted_train_step()
     p_eval_step = setup.jitted_eval_step()
     train_source = input_pipeline.create_source(config, config.train_split)
     eval_source = input_pipeline.create_source(config, config.eval_split)
@@ -363,7 +373,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         stopping = stop.requested(step)
         if step % config.checkpoint_every_steps == 0 or is_last or stopping:
           _check_finite(pending)
-          checkpointer.save(step, state, _data_position(step, config))
+          checkpointer.save(step, state, data_position(step, config))
         if stopping and not is_last:
           checkpointer.wait_until_finished()
           raise TrainingInterrupted(
@@ -415,7 +425,7 @@ def evaluate(config, workdir: str, checkpoint_step: int | None = None
     import ml_collections  # pylint: disable=g-import-not-at-top
 
     config = ml_collections.ConfigDict(saved)
-  setup = _Setup(config, workdir)
+  setup = Experiment(config, workdir)
   checkpointing.check_config_matches(workdir, config)
   checkpointer = checkpointing.Checkpointer(workdir, read_only=True,
                                             async_checkpointing=False)
@@ -483,15 +493,16 @@ class _StopOnSigterm:
     return self._signalled
 
 
-def _data_position(step: int, config) -> dict[str, Any]:
-  """The input pipeline's position: the next global batch is number ``step``."""
+def data_position(step: int, config) -> dict[str, Any]:
+  """The input pipeline's position saved with a checkpoint at ``step``: the next global
+  batch is number ``step`` of the stream of ``config.seed`` and ``config.batch_size``."""
   return {"next_batch": int(step), "batch_size": int(config.batch_size),
           "seed": int(config.seed)}
 
 
 def _check_data_position(position: Mapping[str, Any] | None, step: int,
                          config) -> None:
-  expected = _data_position(step, config)
+  expected = data_position(step, config)
   if position is None or dict(position) != expected:
     raise WorkdirError(
         f"The checkpoint at step {step} records the data position {position}, "

@@ -133,7 +133,7 @@ def test_non_finite_loss_names_the_step():
 
 
 def _params(workdir: str, config, step: int):
-  setup = training._Setup(config, workdir)  # pylint: disable=protected-access
+  setup = training.Experiment(config, workdir)
   ckpt = checkpointing.Checkpointer(workdir, read_only=True)
   try:
     return jax.device_get(ckpt.restore_state(step, setup.abstract_state()))

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
 
 def _state(workdir, config, step):
-  setup = training._Setup(config, str(workdir))  # pylint: disable=protected-access
+  setup = training.Experiment(config, str(workdir))
   ckpt = checkpointing.Checkpointer(str(workdir), read_only=True)
   try:
     return jax.device_get(ckpt.restore_state(step, setup.abstract_state()))
