@@ -18,12 +18,7 @@ NUM_TRAIN_EXAMPLES = 50_000
 
 def get_config(model: str = "sasa_resnet26_cifar"):
   """CIFAR-10 config; `model` is chosen with `--config=configs/cifar10.py:<model>`."""
-  model = model or MODELS[0]
-  if model not in MODELS:
-    raise ValueError(f"configs/cifar10.py: model must be one of {list(MODELS)}; "
-                     f"got {model!r}.")
-  config = default.get_config()
-  config.model = model
+  config = default.for_model(model, MODELS, "cifar10.py")
 
   config.dataset = "cifar10"
   config.train_split = "train"

@@ -66,3 +66,18 @@ def get_config():
   config.async_checkpointing = True
 
   return config
+
+
+def for_model(model: str, models: tuple[str, ...], config_file: str):
+  """This config with ``config.model = model``, one of ``models`` (``''``: the first).
+
+  The base of the per-dataset configs, whose ``get_config(model)`` takes the model from
+  ``--config=configs/<file>.py:<model>``.
+  """
+  model = model or models[0]
+  if model not in models:
+    raise ValueError(f"configs/{config_file}: model must be one of {list(models)}; "
+                     f"got {model!r}.")
+  config = get_config()
+  config.model = model
+  return config

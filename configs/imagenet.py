@@ -28,12 +28,7 @@ NUM_TRAIN_EXAMPLES = 1_281_167
 
 def get_config(model: str = "sasa_resnet50"):
   """ImageNet config; `model` is chosen with `--config=configs/imagenet.py:<model>`."""
-  model = model or "sasa_resnet50"
-  if model not in MODELS:
-    raise ValueError(f"configs/imagenet.py: model must be one of {list(MODELS)}; "
-                     f"got {model!r}.")
-  config = default.get_config()
-  config.model = model
+  config = default.for_model(model or "sasa_resnet50", MODELS, "imagenet.py")
 
   config.dataset = "imagenet2012"
   config.train_split = "train"
