@@ -15,6 +15,9 @@ _IMPLEMENTATIONS = {
     "dense": blocked.dense,
 }
 IMPLEMENTATIONS: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
+# ``dense`` beats ``blocked`` up to about 4-6 k^2 pixels at head depth >= 32, 2-2.6 k^2 at
+# depth 8 (benchmarks/README.md, ``--crossover``).
+DENSE_MAX_PIXELS_PER_WINDOW = 4
 
 
 def window_shape(kernel_size: int | Sequence[int]) -> tuple[int, int]:
@@ -27,14 +30,18 @@ def default_implementation(height: int, width: int, kernel_size: int | Sequence[
                            backend: str | None = None) -> str:
   """The implementation ``implementation=None`` uses for this shape on ``backend``.
 
-  The choice follows the measurements in ``benchmarks/README.md``: ``dense`` once the
-  window covers most of the image (its ``H*W`` keys per query cost little more than the
-  ``(b + k - 1)^2`` of a halo then), ``blocked`` otherwise. Neither copies K and V
-  ``k^2`` times.
+  Chosen from the per-shape timings in ``benchmarks/README.md`` (``python -m
+  benchmarks.layers --shapes`` and ``--crossover``, forward+backward): ``dense`` while the
+  image has at most ``DENSE_MAX_PIXELS_PER_WINDOW`` times as many pixels as the window
+  (e.g. the 14x14 and 7x7 stages of the ImageNet models at k = 7, 2-5x faster there),
+  ``blocked`` with 4x4 blocks above (1.3-1.7x faster than 8x8 blocks, 2.7-4x faster than
+  ``patches``, on 16x16 to 56x56 maps). Neither copies K and V ``k^2`` times. Only CPU
+  timings exist so far; the same rule is used on every backend until GPU/TPU numbers
+  are recorded.
   """
-  del backend  # The same choice measured fastest on every backend we have numbers for.
+  del backend  # One measured rule for now; see the docstring.
   window = _contract.as_window(kernel_size)
-  if height * width <= 2 * window.kh * window.kw:
+  if height * width <= DENSE_MAX_PIXELS_PER_WINDOW * window.kh * window.kw:
     return "dense"
   return "blocked"
 
