@@ -47,7 +47,7 @@ def test_notebook_is_committed_clean_and_installs_only_in_colab(path):
 
 def test_readme_has_an_open_in_colab_badge_for_every_notebook():
   readme = (REPO / "README.md").read_text()
-  section = readme[readme.index("<!-- section: colab"):]
+  section = readme[readme.index("## Colab"):]
   for path in NOTEBOOKS:
     url = COLAB_URL + str(path.relative_to(REPO))
     assert f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})" \
