@@ -28,6 +28,21 @@ def _check_input(name: str, x) -> None:
         f"{getattr(x, 'shape', None)}.")
 
 
+def _check_positive_int(name: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f"{name} must be a positive int; got {value!r}.")
+
+
+def _check_heads(features, num_heads) -> None:
+  """Both positive ints, ``num_heads`` dividing ``features``."""
+  _check_positive_int("features", features)
+  _check_positive_int("num_heads", num_heads)
+  if features % num_heads:
+    raise ValueError(
+        f"features must be divisible by num_heads; got features={features}, "
+        f"num_heads={num_heads} (allowed num_heads: divisors of {features}).")
+
+
 def _head_projection(num_heads: int, head_depth: int, use_bias: bool, dtype: Dtype,
                      param_dtype: Dtype, name: str) -> nn.DenseGeneral:
   """A full-width 1x1 projection ``(B, H, W, C) -> (B, H, W, N, d)``."""
@@ -83,14 +98,7 @@ class LocalSelfAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    if not isinstance(self.features, int) or self.features <= 0:
-      raise ValueError(f"features must be a positive int; got {self.features!r}.")
-    if not isinstance(self.num_heads, int) or self.num_heads <= 0:
-      raise ValueError(f"num_heads must be a positive int; got {self.num_heads!r}.")
-    if self.features % self.num_heads:
-      raise ValueError(
-          f"features must be divisible by num_heads; got features={self.features}, "
-          f"num_heads={self.num_heads} (allowed num_heads: divisors of {self.features}).")
+    _check_heads(self.features, self.num_heads)
     if self.positional not in POSITIONAL_MODES:
       raise ValueError(
           f"positional must be one of {list(POSITIONAL_MODES)}; got {self.positional!r}.")
@@ -103,10 +111,7 @@ class LocalSelfAttention(nn.Module):
     if not isinstance(self.stride, int) or self.stride <= 0:
       raise ValueError(f"stride must be a positive int (1, or 2 to downsample); got "
                        f"{self.stride!r}.")
-    if self.implementation is not None and self.implementation not in ops.IMPLEMENTATIONS:
-      raise ValueError(
-          f"implementation must be one of {list(ops.IMPLEMENTATIONS)} or None (automatic); "
-          f"got {self.implementation!r}.")
+    ops.check_implementation(self.implementation)
     super().__post_init__()
 
   def _window(self, height: int, width: int) -> tuple[int, int]:
@@ -220,14 +225,9 @@ class AttentionStem(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    for name in ("features", "num_heads", "block_size", "num_mixtures", "mixture_features"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int; got {value!r}.")
-    if self.features % self.num_heads:
-      raise ValueError(
-          f"features must be divisible by num_heads; got features={self.features}, "
-          f"num_heads={self.num_heads} (allowed num_heads: divisors of {self.features}).")
+    for name in ("block_size", "num_mixtures", "mixture_features"):
+      _check_positive_int(name, getattr(self, name))
+    _check_heads(self.features, self.num_heads)
     super().__post_init__()
 
   def _mixture_weights(self) -> jax.Array:

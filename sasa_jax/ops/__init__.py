@@ -13,10 +13,10 @@ in ``IMPLEMENTATIONS`` computes this same function.
 """
 
 from sasa_jax.ops.local_attention import (IMPLEMENTATIONS, attention_weights,
-                                          default_implementation, local_attention,
-                                          window_shape)
+                                          check_implementation, default_implementation,
+                                          local_attention, window_shape)
 
 __all__ = [
-    "IMPLEMENTATIONS", "attention_weights", "default_implementation", "local_attention",
-    "window_shape"
+    "IMPLEMENTATIONS", "attention_weights", "check_implementation", "default_implementation",
+    "local_attention", "window_shape"
 ]

@@ -26,6 +26,14 @@ def window_shape(kernel_size: int | Sequence[int]) -> tuple[int, int]:
   return window.kh, window.kw
 
 
+def check_implementation(implementation: str | None) -> None:
+  """ValueError unless ``implementation`` is one of ``IMPLEMENTATIONS`` or None."""
+  if implementation is not None and implementation not in _IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {list(IMPLEMENTATIONS)} or None (automatic); got "
+        f"{implementation!r}.")
+
+
 def default_implementation(height: int, width: int, kernel_size: int | Sequence[int],
                            backend: str | None = None) -> str:
   """The implementation ``implementation=None`` uses for this shape on ``backend``.
@@ -81,10 +89,7 @@ def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   if implementation is None:
     implementation = default_implementation(query.shape[1], query.shape[2], kernel_size,
                                             jax.default_backend())
-  if implementation not in _IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation must be one of {list(IMPLEMENTATIONS)} or None (automatic); got "
-        f"{implementation!r}.")
+  check_implementation(implementation)
   return _IMPLEMENTATIONS[implementation](
       query, key, value, window=window, rel_h=rel_h, rel_w=rel_w, scale=scale)
 
