@@ -66,9 +66,14 @@ def save_config(workdir: str, config) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
+  write_json(os.path.join(workdir, CONFIG_FILE), config_validation.config_to_dict(config),
+             sort_keys=True)
+
+
+def write_json(path: str, obj: Any, **dump_kwargs) -> None:
+  """Writes ``obj`` as indented JSON atomically: a killed run leaves the old file."""
   with open(path + ".tmp", "w") as f:
-    json.dump(config_validation.config_to_dict(config), f, indent=2, sort_keys=True)
+    json.dump(obj, f, indent=2, **dump_kwargs)
   os.replace(path + ".tmp", path)
 
 

@@ -434,15 +434,16 @@ def evaluate(config, workdir: str, checkpoint_step: int | None = None
     if not steps:
       raise WorkdirError(
           f"workdir={workdir!r} holds no checkpoints to evaluate; train first.")
+    abstract_state = setup.abstract_state()
     if checkpoint_step is None:  # The newest readable one.
-      step, state, _ = checkpointer.restore_latest(setup.abstract_state())
+      step, state, _ = checkpointer.restore_latest(abstract_state)
     else:
       if checkpoint_step not in steps:
         raise ConfigError(f"--checkpoint_step={checkpoint_step}: no such checkpoint "
                           f"in {checkpointer.directory}; available steps: {steps}.")
       step = checkpoint_step
-      checkpointer.check_compatible(step, setup.abstract_state())
-      state = checkpointer.restore_state(step, setup.abstract_state())
+      checkpointer.check_compatible(step, abstract_state)
+      state = checkpointer.restore_state(step, abstract_state)
   finally:
     checkpointer.close()
   eval_source = input_pipeline.create_source(config, config.eval_split)
@@ -454,9 +455,7 @@ def evaluate(config, workdir: str, checkpoint_step: int | None = None
             "split": config.eval_split, "metrics": results}
   if parallel.is_main_process():
     path = os.path.join(workdir, checkpointing.EVALUATION_FILE)
-    with open(path + ".tmp", "w") as f:
-      json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
+    checkpointing.write_json(path, report)
     print(_eval_line(step, results) + f"\nWrote {os.path.abspath(path)}", flush=True)
   return report
 
