@@ -4,9 +4,9 @@
     python -m benchmarks.models --quick         # resnet26 vs sasa_resnet26 at 64x64
     python -m benchmarks.models --models resnet50 sasa_resnet50 --sizes 224 --batch 32
 
-One training step = forward in train mode (batch statistics, ``batch_stats`` updated),
-softmax cross-entropy on random labels, backward, and a Nesterov-momentum SGD update
-(optax), jitted with the state donated. All models of one image size are compiled first
+One training step = ``sasa_jax.training.train_step``, the step ``train.py`` runs: forward
+in train mode (batch statistics, ``batch_stats`` updated), softmax cross-entropy on random
+labels, backward, and a Nesterov-momentum SGD update (optax), jitted with the state donated. All models of one image size are compiled first
 (compilation excluded) and then timed in interleaved rounds (``benchmarks.common``); the
 table reports the median images/s and each SASA model's throughput as a fraction of the
 convolutional ResNet of the same depth, measured in the same run. Memory is XLA's compiled
@@ -18,6 +18,7 @@ convention).
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 import time
@@ -27,52 +28,40 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import common
-from sasa_jax import models
+from sasa_jax import models, training
 
 DEFAULT_MODELS = ("resnet26", "sasa_resnet26_conv_stem", "sasa_resnet26", "resnet50",
                   "sasa_resnet50_conv_stem", "sasa_resnet50")
 DEFAULT_BATCH = {64: 32, 224: 8}
 
 
-def make_train_step(model, tx):
-  """A jitted SGD step ``(params, batch_stats, opt_state, x, y) -> (..., loss)``."""
-
-  def step(params, batch_stats, opt_state, images, labels):
-    def loss_fn(p):
-      logits, new_state = model.apply({"params": p, "batch_stats": batch_stats}, images,
-                                      train=True, mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, new_state["batch_stats"]
-
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1, 2))
-
-
 def prepare(name: str, size: int, batch: int, implementation: str | None = None):
-  """``(run, peak_bytes, compile_s)`` of one model's training step at ``size``."""
+  """``(run, peak_bytes, compile_s)`` of one model's training step at ``size``: the step
+  ``train.py`` runs (``training.train_step``, Nesterov SGD), on a random uint8 batch."""
   overrides = {} if implementation is None or not name.startswith("sasa") else dict(
       implementation=implementation)
   model = models.create(name, **overrides)
-  in_channels = models.get_config(name).in_channels
-  num_classes = models.get_config(name).num_classes
+  config = models.get_config(name)
   key_x, key_y, key_init = jax.random.split(jax.random.key(0), 3)
-  images = jax.random.normal(key_x, (batch, size, size, in_channels))
-  labels = jax.random.randint(key_y, (batch,), 0, num_classes)
-  variables = jax.jit(lambda x: model.init(key_init, x, train=False))(images)
-  tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
-  state = [variables["params"], variables["batch_stats"], None]
-  state[2] = tx.init(state[0])
+  batch_data = {
+      "image": jax.random.randint(key_x, (batch, size, size, config.in_channels), 0, 256,
+                                  jnp.int32).astype(jnp.uint8),
+      "label": jax.random.randint(key_y, (batch,), 0, config.num_classes),
+  }
+  variables = jax.jit(lambda x: model.init(key_init, x, train=False))(
+      jnp.zeros((1, size, size, config.in_channels)))
+  state = [training.TrainState.create(
+      apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"],
+      tx=optax.sgd(0.1, momentum=0.9, nesterov=True), ema=None)]
+  step = functools.partial(training.train_step, key=key_init, num_classes=config.num_classes,
+                           label_smoothing=0.0, ema_decay=0.0, mean=(0.5,), std=(0.5,))
   start = time.perf_counter()
-  compiled = make_train_step(model, tx).lower(*state, images, labels).compile()
+  compiled = jax.jit(step, donate_argnums=(0,)).lower(state[0], batch_data).compile()
   compile_s = time.perf_counter() - start
 
   def run():
-    params, stats, opt_state, loss = compiled(*state, images, labels)
-    state[:] = [params, stats, opt_state]
-    jax.block_until_ready(loss)
+    state[0], metrics = compiled(state[0], batch_data)
+    jax.block_until_ready(metrics["loss"])
 
   return run, common.jax_peak_bytes(compiled), compile_s
 
