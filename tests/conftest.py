@@ -13,6 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `from configs import default`, as train.py does.
   sys.path.insert(0, str(REPO))
 
+
+def pytest_configure(config):
+  """Float32 matmuls at full precision: GPUs default to TF32 (~1e-3 relative), which the
+  1e-5 tolerances of the implementation-vs-reference tests are not meant to absorb. No
+  effect on CPU."""
+  del config
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_default_matmul_precision", "highest")
+
+
 TINY_TFDS_NAME = "sasa_test_digits"
 TINY_TFDS_SPLITS = {"train": (0, 96), "test": (96, 136)}
 

@@ -6,18 +6,22 @@ from collections.abc import Sequence
 
 import jax
 
-from sasa_jax.ops import _contract, blocked, windows
+from sasa_jax.ops import _contract, blocked, fused, windows
 
 _IMPLEMENTATIONS = {
     "reference": windows.reference,
     "patches": windows.patches,
     "blocked": blocked.blocked,
     "dense": blocked.dense,
+    "fused": fused.fused,
 }
 IMPLEMENTATIONS: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
 # ``dense`` beats ``blocked`` up to about 4-6 k^2 pixels at head depth >= 32, 2-2.6 k^2 at
-# depth 8 (benchmarks/README.md, ``--crossover``).
+# depth 8 (benchmarks/README.md, ``--crossover``), on CPU and on an H200.
 DENSE_MAX_PIXELS_PER_WINDOW = 4
+# On GPU, ``fused`` beats ``blocked`` at head depth 8 (1.7x at 56x56) and not above
+# (benchmarks/README.md, GPU): its per-thread tiles grow with the depth.
+FUSED_MAX_HEAD_DEPTH = 8
 
 
 def window_shape(kernel_size: int | Sequence[int]) -> tuple[int, int]:
@@ -35,22 +39,28 @@ def check_implementation(implementation: str | None) -> None:
 
 
 def default_implementation(height: int, width: int, kernel_size: int | Sequence[int],
-                           backend: str | None = None) -> str:
+                           backend: str | None = None, head_depth: int | None = None) -> str:
   """The implementation ``implementation=None`` uses for this shape on ``backend``.
 
-  Chosen from the per-shape timings in ``benchmarks/README.md`` (``python -m
-  benchmarks.layers --shapes`` and ``--crossover``, forward+backward): ``dense`` while the
-  image has at most ``DENSE_MAX_PIXELS_PER_WINDOW`` times as many pixels as the window
-  (e.g. the 14x14 and 7x7 stages of the ImageNet models at k = 7, 2-5x faster there),
-  ``blocked`` with 4x4 blocks above (1.3-1.7x faster than 8x8 blocks, 2.7-4x faster than
-  ``patches``, on 16x16 to 56x56 maps). Neither copies K and V ``k^2`` times. Only CPU
-  timings exist so far; the same rule is used on every backend until GPU/TPU numbers
-  are recorded.
+  Chosen from the per-shape forward+backward timings in ``benchmarks/README.md`` (``python
+  -m benchmarks.layers --shapes`` and ``--crossover``, on the 2-core CPU and on an H200):
+
+  * ``dense`` while the image has at most ``DENSE_MAX_PIXELS_PER_WINDOW`` times as many
+    pixels as the window (e.g. the 14x14 and 7x7 stages of the ImageNet models at k = 7:
+    2-5x faster than ``blocked`` on CPU, 1.1-2x on GPU);
+  * on GPU (``backend == "gpu"``), above that, ``fused`` (the Pallas kernel) for heads of
+    depth ``head_depth <= FUSED_MAX_HEAD_DEPTH``;
+  * otherwise ``blocked`` with 4x4 blocks (1.3-1.7x faster than 8x8 blocks, 2.7-4x faster
+    than ``patches`` on CPU; 1.2-4x faster than 8x8 and 16x16 blocks on GPU).
+
+  None of them copies K and V ``k^2`` times. Backends without measurements (TPU) follow the
+  CPU rule; ``fused`` is never chosen off GPU, where it only runs in interpret mode.
   """
-  del backend  # One measured rule for now; see the docstring.
   window = _contract.as_window(kernel_size)
   if height * width <= DENSE_MAX_PIXELS_PER_WINDOW * window.kh * window.kw:
     return "dense"
+  if backend == "gpu" and head_depth is not None and head_depth <= FUSED_MAX_HEAD_DEPTH:
+    return "fused"
   return "blocked"
 
 
@@ -88,7 +98,7 @@ def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   scale = _contract.check_arguments(query, key, value, window, rel_h, rel_w, scale)
   if implementation is None:
     implementation = default_implementation(query.shape[1], query.shape[2], kernel_size,
-                                            jax.default_backend())
+                                            jax.default_backend(), query.shape[-1])
   check_implementation(implementation)
   return _IMPLEMENTATIONS[implementation](
       query, key, value, window=window, rel_h=rel_h, rel_w=rel_w, scale=scale)
