@@ -42,6 +42,8 @@ def machine() -> str:
     pass
   parts = [f"{cpu}, {machine_cores()} cores", f"Python {platform.python_version()}",
            f"jax {jax.__version__} ({jax.default_backend()})"]
+  if jax.default_backend() != "cpu":
+    parts.insert(1, f"{jax.device_count()}× {jax.devices()[0].device_kind}")
   try:
     import flax
     parts.append(f"flax {flax.__version__}")

@@ -10,7 +10,7 @@
 Every JAX alternative is a whole layer on NHWC input, projections included:
 ``LocalSelfAttention(C, num_heads, kernel_size=k, implementation=name)`` for each name in
 ``sasa_jax.ops.IMPLEMENTATIONS`` (the default layer, ``implementation=None``, is the one
-``ops.default_implementation(H, W, k)`` names: it is marked, not timed twice), and
+``ops.default_implementation(H, W, k, backend, C // heads)`` names: it is marked, not timed twice), and
 ``flax.linen.Conv(C, (3, 3), use_bias=False)``. When torch is installed, the same SASA
 layer written the way the popular PyTorch re-implementations write it -- K and V unfolded
 into ``k x k`` windows with ``F.unfold`` (a ``k^2``-fold copy) -- but with the paper's
@@ -170,6 +170,8 @@ class Result:
 def _skip_reason(name: str, batch: int, size: int, channels: int, kernel: int, heads: int,
                  max_mib: float, dense_max_ratio: float = math.inf) -> str | None:
   """Why an alternative is not run at this shape (memory, or pointless), or None."""
+  if name == "fused" and jax.default_backend() != "gpu":
+    return "Pallas interpret mode off GPU: a test path, not a performance option"
   if name in WINDOW_COPY_IMPLEMENTATIONS:
     copy = batch * size * size * channels * kernel * kernel * 4
     if copy > max_mib * common.MiB:
@@ -403,7 +405,7 @@ def _duplicate_blocks(row, names) -> set[str]:
 
 
 def shapes_table(rows) -> str:
-  names = list(_op_variants())
+  names = [n for n in _op_variants() if any(n in r["results"] for r in rows)]
   header = (["models", "H=W", "C", "N", "k", "default"] + [f"{n} ms" for n in names] +
             ["fastest", "default ÷ fastest"])
   body = []
@@ -416,7 +418,7 @@ def shapes_table(rows) -> str:
     default = timed.get(r["default"])
     cells = []
     for n in names:
-      x = res[n]
+      x = res.get(n, Result(skipped="not asked for"))
       if n in dup:
         cells.append("=")
       elif x.skipped:
@@ -425,14 +427,14 @@ def shapes_table(rows) -> str:
         c = common.fmt_ms(x.time_s)
         cells.append(f"**{c}**" if n == r["default"] else c)
     body.append([r["group"], r["size"], r["channels"], r["heads"], r["kernel"], r["default"]] +
-                cells + [fastest, common.fmt_ratio(default / timed[fastest])])
+                cells + [fastest, common.fmt_ratio(default and default / timed[fastest])])
   mem_header = ["H=W", "C", "N", "k"] + [f"{n} MiB" for n in names]
   mem_body = []
   for r in rows:
     dup = _duplicate_blocks(r, names)
     mem_body.append([r["size"], r["channels"], r["heads"], r["kernel"]] + [
         "=" if n in dup else common.fmt_mib(r["results"][n].peak_bytes)
-        if r["results"][n].time_s else "skip" for n in names])
+        if n in r["results"] and r["results"][n].time_s else "skip" for n in names])
   return (common.markdown_table(header, body) + "\n\nPeak memory (XLA memory analysis):\n\n" +
           common.markdown_table(mem_header, mem_body))
 
@@ -453,7 +455,7 @@ def bench_crossover(batch, *, repeats, heads=8, log=print):
         res = bench_op_shape(batch, size, channels, heads, kernel, repeats=repeats,
                              max_mib=math.inf, only=("blocked", "dense"), log=lambda _: None)
         rows.append(dict(kernel=kernel, size=size, channels=channels, heads=heads,
-                         default=_default_name(size, kernel),
+                         default=_default_name(size, kernel, channels, heads),
                          blocked=res["blocked"].time_s, dense=res["dense"].time_s))
         r = rows[-1]
         log(f"  k={kernel} H=W={size} C={channels}: blocked {common.fmt_ms(r['blocked'])} ms, "
@@ -571,8 +573,8 @@ def plot_vs_k(rows, path: str, use_torch: bool, size: int, channels: int) -> Non
 
 # ----------------------------------------------------------------------------- main
 
-def _default_name(size, kernel):
-  return ops.default_implementation(size, size, kernel, jax.default_backend())
+def _default_name(size, kernel, channels, heads):
+  return ops.default_implementation(size, size, kernel, jax.default_backend(), channels // heads)
 
 
 def _serialize(rows):
@@ -628,6 +630,11 @@ def main(argv=None) -> int:
                     help="op-level fwd+bwd, blocked vs dense around their crossover")
   what.add_argument("--shapes", action="store_true",
                     help="op-level fwd+bwd of every implementation at the models' shapes")
+  parser.add_argument("--groups", nargs="+", default=None,
+                      choices=sorted({group for group, *_ in MODEL_SHAPES}),
+                      help="--shapes: only these groups of shapes (default: all)")
+  parser.add_argument("--implementations", nargs="+", default=None,
+                      help="--shapes: only these variants (e.g. blocked dense fused)")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--heads", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=None,
@@ -680,10 +687,13 @@ def main(argv=None) -> int:
   elif args.shapes:
     print(f"\nOp-level fwd+bwd at the models' shapes, batch {args.batch}:")
     for group, size, channels, heads, kernel in MODEL_SHAPES:
+      if args.groups and group not in args.groups:
+        continue
       res = bench_op_shape(args.batch, size, channels, heads, kernel, repeats=repeats,
-                           max_mib=args.max_mib)
+                           max_mib=args.max_mib, only=args.implementations)
       rows.append(dict(group=group, batch=args.batch, size=size, channels=channels,
-                       heads=heads, kernel=kernel, default=_default_name(size, kernel),
+                       heads=heads, kernel=kernel,
+                       default=_default_name(size, kernel, channels, heads),
                        default_block=blocked_ops.DEFAULT_BLOCK_SIZE, results=res))
     print()
     print(shapes_table(rows))
@@ -702,7 +712,8 @@ def main(argv=None) -> int:
                                repeats=repeats, use_torch=use_torch, max_mib=args.max_mib,
                                dense_max_ratio=8 if (args.full or args.vs_k) else math.inf)
       rows.append(dict(batch=args.batch, size=size, channels=channels, kernel=kernel,
-                       heads=args.heads, default=_default_name(size, kernel),
+                       heads=args.heads,
+                       default=_default_name(size, kernel, channels, args.heads),
                        dense_max_ratio=8 if (args.full or args.vs_k) else None,
                        max_mib=args.max_mib,
                        results=res))

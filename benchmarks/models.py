@@ -35,11 +35,18 @@ DEFAULT_MODELS = ("resnet26", "sasa_resnet26_conv_stem", "sasa_resnet26", "resne
 DEFAULT_BATCH = {64: 32, 224: 8}
 
 
-def prepare(name: str, size: int, batch: int, implementation: str | None = None):
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def prepare(name: str, size: int, batch: int, implementation: str | None = None,
+            dtype: str = "float32"):
   """``(run, peak_bytes, compile_s)`` of one model's training step at ``size``: the step
-  ``train.py`` runs (``training.train_step``, Nesterov SGD), on a random uint8 batch."""
+  ``train.py`` runs (``training.train_step``, Nesterov SGD), on a random uint8 batch, with
+  the model computing in ``dtype`` (parameters float32, as ``config.compute_dtype``)."""
   overrides = {} if implementation is None or not name.startswith("sasa") else dict(
       implementation=implementation)
+  if dtype != "float32":
+    overrides["dtype"] = DTYPES[dtype]
   model = models.create(name, **overrides)
   config = models.get_config(name)
   key_x, key_y, key_init = jax.random.split(jax.random.key(0), 3)
@@ -66,8 +73,10 @@ def prepare(name: str, size: int, batch: int, implementation: str | None = None)
   return run, common.jax_peak_bytes(compiled), compile_s
 
 
-def _depth(name: str) -> str:
-  return re.search(r"resnet(\d+)", name).group(1)
+def _depth(name: str) -> str | None:
+  """The ResNet depth in a model name (``sasa_resnet50_conv_stem`` -> ``'50'``), or None."""
+  match = re.search(r"resnet(\d+)", name)
+  return match.group(1) if match else None
 
 
 def main(argv=None) -> int:
@@ -84,6 +93,8 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=5, help="timing rounds")
   parser.add_argument("--implementation", default=None,
                       help="force the SASA layers' implementation (default: automatic)")
+  parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                      help="compute dtype (parameters stay float32; default float32)")
   args = parser.parse_args(argv)
   names = args.models or (["resnet26", "sasa_resnet26"] if args.quick else DEFAULT_MODELS)
   sizes = args.sizes or ([64] if args.quick else [64, 224])
@@ -96,7 +107,7 @@ def main(argv=None) -> int:
     batch = args.batch or DEFAULT_BATCH.get(size, 8)
     runs, info = {}, {}
     for name in names:
-      run, peak, compile_s = prepare(name, size, batch, args.implementation)
+      run, peak, compile_s = prepare(name, size, batch, args.implementation, args.dtype)
       runs[name] = run
       flops = models.describe(name, image_size=size)["flops"]
       info[name] = (peak, compile_s, flops)
@@ -104,21 +115,22 @@ def main(argv=None) -> int:
             flush=True)
     times = common.time_interleaved(runs, repeats=args.repeats, min_sample_s=0.2,
                                     slow_budget_s=30)
-    conv = {_depth(n): batch / t for n, t in times.items() if not n.startswith("sasa")}
+    conv = {_depth(n): batch / t for n, t in times.items()
+            if not n.startswith("sasa") and _depth(n)}
     for name, t in times.items():
       ips = batch / t
       base = conv.get(_depth(name))
       peak, compile_s, flops = info[name]
-      rows.append([f"{size}×{size}", batch, name, f"{ips:.3g}",
+      rows.append([f"{size}×{size}", batch, args.dtype, name, f"{ips:.3g}",
                    common.fmt_ratio(ips / base) if base else "—",
                    f"{flops / 1e9:.3g}", f"{3 * flops * ips / 1e9:.3g}", common.fmt_mib(peak),
                    f"{compile_s:.0f}"])
       print(f"  {name}: {ips:.3g} images/s", flush=True)
   print()
   print(common.markdown_table(
-      ["image", "batch", "model", "images/s", "÷ ResNet same depth", "fwd GFLOPs/image",
+      ["image", "batch", "dtype", "model", "images/s", "÷ ResNet same depth", "fwd GFLOPs/image",
        "≈ train GFLOP/s (3× fwd)", "peak MiB", "compile s"], rows,
-      align=["l", "r", "l"] + ["r"] * 6))
+      align=["l", "r", "l", "l"] + ["r"] * 6))
   print(f"\nTotal wall time {time.time() - started:.0f} s.")
   return 0
 
