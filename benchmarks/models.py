@@ -35,9 +35,6 @@ DEFAULT_MODELS = ("resnet26", "sasa_resnet26_conv_stem", "sasa_resnet26", "resne
 DEFAULT_BATCH = {64: 32, 224: 8}
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def prepare(name: str, size: int, batch: int, implementation: str | None = None,
             dtype: str = "float32"):
   """``(run, peak_bytes, compile_s)`` of one model's training step at ``size``: the step
@@ -46,7 +43,7 @@ def prepare(name: str, size: int, batch: int, implementation: str | None = None,
   overrides = {} if implementation is None or not name.startswith("sasa") else dict(
       implementation=implementation)
   if dtype != "float32":
-    overrides["dtype"] = DTYPES[dtype]
+    overrides["dtype"] = training.COMPUTE_DTYPES[dtype]
   model = models.create(name, **overrides)
   config = models.get_config(name)
   key_x, key_y, key_init = jax.random.split(jax.random.key(0), 3)
@@ -93,7 +90,7 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=5, help="timing rounds")
   parser.add_argument("--implementation", default=None,
                       help="force the SASA layers' implementation (default: automatic)")
-  parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+  parser.add_argument("--dtype", choices=tuple(training.COMPUTE_DTYPES), default="float32",
                       help="compute dtype (parameters stay float32; default float32)")
   args = parser.parse_args(argv)
   names = args.models or (["resnet26", "sasa_resnet26"] if args.quick else DEFAULT_MODELS)

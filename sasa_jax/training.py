@@ -36,7 +36,8 @@ from sasa_jax import summary_writer
 from sasa_jax.errors import (ConfigError, NonFiniteLossError, TrainingInterrupted,
                              WorkdirError)
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# ``config.compute_dtype`` -> the model's computation dtype (parameters stay float32).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainState(train_state.TrainState):
@@ -57,7 +58,7 @@ def create_model(config, num_classes: int):
   overrides = {k: tuple(v) if isinstance(v, list) else v
                for k, v in dict(config.model_overrides).items()}
   if config.compute_dtype != "float32":
-    overrides.setdefault("dtype", _DTYPES[config.compute_dtype])
+    overrides.setdefault("dtype", COMPUTE_DTYPES[config.compute_dtype])
   try:
     return models.create(config.model, num_classes, **overrides)
   except (ValueError, TypeError) as e:
