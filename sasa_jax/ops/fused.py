@@ -223,7 +223,7 @@ def _backward_query_kernel(*refs, geometry: _Geometry, relative: bool):
   col_ok = [_inside(cols + b - w.rw, geometry.width) for b in range(w.kw)]
 
   def window_row(a, carry):
-    dq, ds_cols = carry
+    dq, ds_cols = carry  # ds_cols: the per-column sums, only with relative logits
     row_ok = _inside(rows + a - w.rh, geometry.height)
     row_term = rh_ref[a] if relative else None
     ds_row = jnp.zeros_like(lse)
@@ -234,13 +234,15 @@ def _backward_query_kernel(*refs, geometry: _Geometry, relative: bool):
       p = jnp.exp(_logits(q, k, row_term, col_terms[b], row_ok & col_ok[b], geometry) - lse)
       ds = p * (jnp.sum(do * v, axis=-1) - delta)
       dq = dq + ds[..., None] * k
-      ds_row = ds_row + ds
-      new_cols.append(ds_cols[b] + ds)
+      if relative:
+        ds_row = ds_row + ds
+        new_cols.append(ds_cols[b] + ds)
     if relative:
       dsr_ref[a] = geometry.scale * ds_row
     return dq, new_cols
 
-  init = (jnp.zeros(q.shape, jnp.float32), [jnp.zeros_like(lse) for _ in range(w.kw)])
+  init = (jnp.zeros(q.shape, jnp.float32),
+          [jnp.zeros_like(lse) for _ in range(w.kw)] if relative else [])
   dq, ds_cols = jax.lax.fori_loop(0, w.kh, window_row, init)
   dq_ref[...] = geometry.scale * dq
   if relative:
