@@ -10,13 +10,13 @@
 Every JAX alternative is a whole layer on NHWC input, projections included:
 ``LocalSelfAttention(C, num_heads, kernel_size=k, implementation=name)`` for each name in
 ``sasa_jax.ops.IMPLEMENTATIONS`` (the default layer, ``implementation=None``, is the one
-``ops.default_implementation(H, W, k, backend, C // heads)`` names: it is marked, not timed twice), and
-``flax.linen.Conv(C, (3, 3), use_bias=False)``. When torch is installed, the same SASA
-layer written the way the popular PyTorch re-implementations write it -- K and V unfolded
-into ``k x k`` windows with ``F.unfold`` (a ``k^2``-fold copy) -- but with the paper's
-semantics (dot-product logits, relative row/column logits on the query halves, border keys
-masked out of the softmax) runs on NCHW input in the same process; it is checked once
-against our ``reference`` implementation with the weights copied across.
+``ops.default_implementation(H, W, k, backend, C // heads)`` names: it is marked, not
+timed twice), and ``flax.linen.Conv(C, (3, 3), use_bias=False)``. When torch is installed,
+the same SASA layer written the way the popular PyTorch re-implementations write it -- K
+and V unfolded into ``k x k`` windows with ``F.unfold`` (a ``k^2``-fold copy) -- but with
+the paper's semantics (dot-product logits, relative row/column logits on the query halves,
+border keys masked out of the softmax) runs on NCHW input in the same process; it is
+checked once against our ``reference`` implementation with the weights copied across.
 
 ``fwd`` is the forward pass (torch under ``no_grad``); ``fwd+bwd`` is forward and backward
 with a fixed random output cotangent, giving the gradients of all parameters and of the
