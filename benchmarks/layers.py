@@ -634,7 +634,8 @@ def main(argv=None) -> int:
                       choices=sorted({group for group, *_ in MODEL_SHAPES}),
                       help="--shapes: only these groups of shapes (default: all)")
   parser.add_argument("--implementations", nargs="+", default=None,
-                      help="--shapes: only these variants (e.g. blocked dense fused)")
+                      choices=list(_op_variants()),
+                      help="--shapes: only these variants (default: all)")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--heads", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from benchmarks import layers, models
 
 
@@ -23,3 +25,11 @@ def test_shapes_benchmark_times_only_what_was_asked(capsys):
   header = next(line for line in out.splitlines() if line.startswith("| models |"))
   assert re.findall(r"(\w[\w =]*) ms", header) == ["blocked", "dense"]
   assert out.count("| tiny digits 8 |") == 2
+
+
+def test_unknown_variant_is_refused_with_the_allowed_names(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    layers.main(["--shapes", "--implementations", "unfold"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "--implementations: invalid choice: 'unfold'" in err and "'fused'" in err
