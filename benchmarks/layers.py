@@ -308,6 +308,9 @@ def layer_tables(rows, use_torch: bool) -> str:
       notes.append("dense where its (HW)² logits exceed --max-mib" + (
           f", or where HW > {ratio}·k² (pointless: dense is for windows covering most of "
           f"the image)" if ratio else ""))
+    if "fused" in skips:
+      notes.append("fused off GPU (Pallas interpret mode: a test path, not a performance "
+                   "option)")
     out.append("skip: not run, " + "; ".join(notes) + ".")
   return "\n".join(out)
 
