@@ -6,12 +6,13 @@ from collections.abc import Sequence
 
 import jax
 
-from sasa_jax.ops import _contract, blocked, fused, windows
+from sasa_jax.ops import _contract, blocked, fused, shifted, windows
 
 _IMPLEMENTATIONS = {
     "reference": windows.reference,
     "patches": windows.patches,
     "blocked": blocked.blocked,
+    "shifted": shifted.shifted,
     "dense": blocked.dense,
     "fused": fused.fused,
 }

@@ -1,0 +1,176 @@
+"""Shifted-slice local attention: every window offset is one slice of the padded keys.
+
+The op works on planes, ``(B, N, d, H, W)`` in float32 with the image axes minor. Window
+offset ``o = (a, b)`` of every query at once is then the slice ``[a:a + H, b:b + W]`` of K
+(or V) zero-padded by the window's radii, and
+
+* the logits of offset ``o`` are ``sum_c q_c * k_c(shifted by o)``: ``d`` products and
+  adds that XLA fuses into one loop over the image, vectorised along its rows;
+* the output is ``sum_o p_o * v(shifted by o)``, one more such loop.
+
+Nothing ``k^2 * d``-sized is formed (no window copy of K or V), and no logit is wasted
+(``blocked`` computes ``(b + k - 1)^2`` logits per query, twice the window at b = 4,
+k = 7). The only ``kh * kw``-sized tensors are the logits and probabilities, one per
+query, head and window slot, as in every implementation that keeps them for the backward
+pass.
+
+Relative logits fold into the keys: with ``r[a * kw + b] = concat(rel_h[a], rel_w[b])``,
+the logit of offset ``(a, b)`` is ``q . (k(i + a - rh, j + b - rw) + r[a * kw + b])``, i.e.
+``q . k + q[:d/2] . rel_h[a] + q[d/2:] . rel_w[b]``, the reference's logit.
+
+The backward pass (a ``custom_vjp``) has the same form and scatters nothing: ``dq`` sums
+the shifted ``k + r`` weighted by the logit gradients; ``dk`` and ``dv`` gather, at every
+key, the logit gradients (resp. probabilities) of the queries that see it, through the
+mirrored shift of planes padded the same way; ``d r`` is one contraction of the logit
+gradients with q.
+
+The channel sums are unrolled, so the compiled program grows like ``kh * kw * d``:
+compiling one layer takes seconds at d = 32-64 (benchmarks/README.md). Meant for the
+paper's windows, not for global ones (``dense``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sasa_jax.ops import _contract
+
+
+def _offsets(window: _contract.Window) -> list[tuple[int, int]]:
+  """Window slot ``o`` -> its offset ``(a, b)`` in the padded plane, row-major."""
+  return [(a, b) for a in range(window.kh) for b in range(window.kw)]
+
+
+def _pad(x, window: _contract.Window):
+  """Zero-pads the two image axes (the last two) by the window's radii."""
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(window.rh, window.rh), (window.rw, window.rw)])
+
+
+def _sum(terms):
+  return functools.reduce(jnp.add, terms)
+
+
+def _offset_table(rel_h, rel_w, window: _contract.Window):
+  """``(kh * kw, d)``: row ``a * kw + b`` is ``concat(rel_h[a], rel_w[b])``."""
+  return jnp.concatenate([jnp.repeat(rel_h, window.kw, axis=0),
+                          jnp.tile(rel_w, (window.kh, 1))], axis=1)
+
+
+def _mask_bias(height: int, width: int, window: _contract.Window) -> np.ndarray:
+  """``(kh * kw, H, W)``: 0 where slot ``o`` of pixel ``(i, j)`` is in the image, else
+  ``MASKED_LOGIT``."""
+  rows = _contract.neighbour_mask(height, window.kh, window.rh, np.arange(height))  # (H, kh)
+  cols = _contract.neighbour_mask(width, window.kw, window.rw, np.arange(width))  # (W, kw)
+  inside = rows.T[:, None, :, None] & cols.T[None, :, None, :]  # (kh, kw, H, W)
+  return np.where(inside, 0.0, _contract.MASKED_LOGIT).astype(np.float32).reshape(
+      window.kh * window.kw, height, width)
+
+
+def _shifted_dots(x, yp, table, window: _contract.Window):
+  """``(B, N, kh * kw, H, W)``: slot ``o = (a, b)`` holds
+  ``sum_c x[c, i, j] * (yp[c, i + a, j + b] + table[o, c])``.
+
+  Args:
+    x: ``(B, N, d, H, W)``; yp: ``(B, N, d, H + kh - 1, W + kw - 1)``, padded.
+    table: ``(kh * kw, d)`` or None (no added term).
+  """
+  height, width = x.shape[-2:]
+  slots = []
+  for o, (a, b) in enumerate(_offsets(window)):
+    terms = []
+    for c in range(x.shape[2]):
+      y = yp[:, :, c, a:a + height, b:b + width]
+      terms.append(x[:, :, c] * (y if table is None else y + table[o, c]))
+    slots.append(_sum(terms))
+  return jnp.stack(slots, axis=2)
+
+
+def _weighted_shifts(sp, yp, table, window: _contract.Window):
+  """``(B, N, d, H, W)``: ``sum_o s[o, i, j] * (yp[:, i + a, j + b] + table[o])``.
+
+  Args:
+    sp: ``(B, N, kh * kw, H + kh - 1, W + kw - 1)`` per-slot weights, padded.
+    yp: ``(B, N, d, H + kh - 1, W + kw - 1)``, padded; table: ``(kh * kw, d)`` or None.
+  """
+  rh, rw = window.rh, window.rw
+  height, width = sp.shape[-2] - 2 * rh, sp.shape[-1] - 2 * rw
+  terms = []
+  for o, (a, b) in enumerate(_offsets(window)):
+    y = yp[:, :, :, a:a + height, b:b + width]
+    if table is not None:
+      y = y + table[o][:, None, None]
+    terms.append(sp[:, :, o, None, rh:rh + height, rw:rw + width] * y)
+  return _sum(terms)
+
+
+def _mirrored_shifts(sp, xp, window: _contract.Window):
+  """``(B, N, d, H, W)``: at key ``(u, v)``, ``sum_o s[o, u - a', v - b'] * x[:, u - a', v - b']``
+  over the queries ``(u - a', v - b')`` whose slot ``o`` is that key (``a' = a - rh``).
+
+  The transpose of ``_shifted_dots``/``_weighted_shifts`` as a gather: ``sp`` (``(B, N,
+  kh * kw, ...)``) and ``xp`` (``(B, N, d, ...)``) are padded, so queries outside the image
+  contribute zeros.
+  """
+  height, width = xp.shape[-2] - 2 * window.rh, xp.shape[-1] - 2 * window.rw
+  terms = []
+  for o, (a, b) in enumerate(_offsets(window)):
+    ma, mb = window.kh - 1 - a, window.kw - 1 - b
+    terms.append(sp[:, :, o, None, ma:ma + height, mb:mb + width] *
+                 xp[:, :, :, ma:ma + height, mb:mb + width])
+  return _sum(terms)
+
+
+def _forward(q, k, v, table, window, scale):
+  """Output planes and the residuals of the backward pass."""
+  height, width = q.shape[-2:]
+  logits = scale * _shifted_dots(q, _pad(k, window), table, window)
+  probs = jax.nn.softmax(logits + _mask_bias(height, width, window), axis=2)
+  probs_padded = _pad(probs, window)
+  out = _weighted_shifts(probs_padded, _pad(v, window), None, window)
+  return out, (q, k, v, table, out, probs_padded)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend_planes(q, k, v, table, window, scale):
+  """Local attention on ``(B, N, d, H, W)`` float32 planes; ``table`` as ``_offset_table``."""
+  return _forward(q, k, v, table, window, scale)[0]
+
+
+def _attend_planes_fwd(q, k, v, table, window, scale):
+  return _forward(q, k, v, table, window, scale)
+
+
+def _attend_planes_bwd(window, scale, residuals, grad):
+  q, k, v, table, out, probs_padded = residuals
+  height, width = q.shape[-2:]
+  probs = probs_padded[:, :, :, window.rh:window.rh + height, window.rw:window.rw + width]
+  grad_padded = _pad(grad, window)
+  grad_probs = _shifted_dots(grad, _pad(v, window), None, window)
+  delta = jnp.sum(grad * out, axis=2, keepdims=True)  # = sum_o probs * grad_probs
+  grad_logits = scale * probs * (grad_probs - delta)  # d/d(unscaled logit)
+  grad_logits_padded = _pad(grad_logits, window)
+  dq = _weighted_shifts(grad_logits_padded, _pad(k, window), table, window)
+  dk = _mirrored_shifts(grad_logits_padded, _pad(q, window), window)
+  dv = _mirrored_shifts(probs_padded, grad_padded, window)
+  dtable = None if table is None else jnp.einsum("bnoij,bncij->oc", grad_logits, q)
+  return dq, dk, dv, dtable
+
+
+_attend_planes.defvjp(_attend_planes_fwd, _attend_planes_bwd)
+
+
+def shifted(query, key, value, *, window, rel_h, rel_w, scale):
+  """Shifted-slice local attention; same contract as ``reference``."""
+
+  def planes(x):  # (B, H, W, N, d) -> (B, N, d, H, W)
+    return x.transpose(0, 3, 4, 1, 2).astype(jnp.float32)
+
+  table = None
+  if rel_h is not None:
+    table = _offset_table(rel_h.astype(jnp.float32), rel_w.astype(jnp.float32), window)
+  out = _attend_planes(planes(query), planes(key), planes(value), table, window, scale)
+  return out.transpose(0, 3, 4, 1, 2).astype(query.dtype)
