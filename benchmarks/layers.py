@@ -4,7 +4,7 @@
     python -m benchmarks.layers --full     # the grid C x H x k (+ the plot against k)
     python -m benchmarks.layers --vs-k     # just H=32, C=64, k = 3..11 and the plot
     python -m benchmarks.layers --shapes   # op-level fwd+bwd at the shapes the models use
-    python -m benchmarks.layers --crossover  # op-level blocked vs dense around H*W ~ k^2
+    python -m benchmarks.layers --crossover  # op-level blocked, shifted, dense around H*W ~ k^2
     python -m benchmarks.layers --ablate   # where the default layer's time goes
 
 Every JAX alternative is a whole layer on NHWC input, projections included:
@@ -442,86 +442,89 @@ def shapes_table(rows) -> str:
           common.markdown_table(mem_header, mem_body))
 
 
-# (k, sizes, channels): where dense and blocked cross over; 8 heads, so d = C / 8.
+# (k, sizes, channels): where dense and the windowed implementations cross over; 8 heads,
+# so d = C / 8.
 CROSSOVER = ((3, (4, 6, 8, 10), (64, 256, 512)),
              (5, (6, 8, 10, 12), (64, 256, 512)),
              (7, (8, 10, 12, 14, 16), (64, 256, 512)))
+CROSSOVER_IMPLEMENTATIONS = ("blocked", "shifted", "dense")
 
 
 def bench_crossover(batch, *, repeats, heads=8, log=print):
-  """Rows ``(k, H, C, default, blocked s, dense s)``: op-level fwd+bwd, the two
-  implementations timed interleaved per shape."""
+  """Rows ``{kernel, size, channels, heads, default, <implementation>: s}``: op-level
+  fwd+bwd of ``CROSSOVER_IMPLEMENTATIONS``, timed interleaved per shape."""
   rows = []
   for kernel, sizes, widths in CROSSOVER:
     for size in sizes:
       for channels in widths:
         res = bench_op_shape(batch, size, channels, heads, kernel, repeats=repeats,
-                             max_mib=math.inf, only=("blocked", "dense"), log=lambda _: None)
+                             max_mib=math.inf, only=CROSSOVER_IMPLEMENTATIONS,
+                             log=lambda _: None)
         rows.append(dict(kernel=kernel, size=size, channels=channels, heads=heads,
                          default=_default_name(size, kernel, channels, heads),
-                         blocked=res["blocked"].time_s, dense=res["dense"].time_s))
-        r = rows[-1]
-        log(f"  k={kernel} H=W={size} C={channels}: blocked {common.fmt_ms(r['blocked'])} ms, "
-            f"dense {common.fmt_ms(r['dense'])} ms")
+                         **{n: res[n].time_s for n in CROSSOVER_IMPLEMENTATIONS}))
+        log(f"  k={kernel} H=W={size} C={channels}: " + ", ".join(
+            f"{n} {common.fmt_ms(rows[-1][n])} ms" for n in CROSSOVER_IMPLEMENTATIONS))
   return rows
 
 
 def crossover_table(rows) -> str:
-  """Per (k, H): dense ÷ blocked at each width (< 1: dense faster), and the default."""
+  """Per (k, H) and width: the fastest implementation, dense ÷ the faster windowed one
+  (< 1: dense faster, bold), and the default (marked * where it is not the fastest)."""
   widths = sorted({r["channels"] for r in rows})
   heads = rows[0]["heads"]
-  header = ["k", "H=W", "HW / k²", "default"] + [
-      f"dense ÷ blocked, C={c} (d={c // heads})" for c in widths]
+  windowed = [n for n in CROSSOVER_IMPLEMENTATIONS if n != "dense"]
+  header = ["k", "H=W", "HW / k²"] + [
+      f"C={c} (d={c // heads}): default / fastest; dense ÷ {' or '.join(windowed)}"
+      for c in widths]
   body = []
   for key in dict.fromkeys((r["kernel"], r["size"]) for r in rows):
     sel = {r["channels"]: r for r in rows if (r["kernel"], r["size"]) == key}
     k, size = key
     cells = []
     for c in widths:
-      ratio = sel[c]["dense"] / sel[c]["blocked"]
-      cells.append(f"**{ratio:.2f}**" if ratio < 1 else f"{ratio:.2f}")
-    body.append([k, size, f"{size * size / k**2:.1f}", sel[widths[0]]["default"]] + cells)
+      r = sel[c]
+      fastest = min(CROSSOVER_IMPLEMENTATIONS, key=lambda n: r[n])
+      ratio = r["dense"] / min(r[n] for n in windowed)
+      miss = "" if r["default"] == fastest else "*"
+      ratio_cell = f"**{ratio:.2f}**" if ratio < 1 else f"{ratio:.2f}"
+      cells.append(f"{r['default']}{miss} / {fastest}; {ratio_cell}")
+    body.append([k, size, f"{size * size / k**2:.1f}"] + cells)
   return common.markdown_table(header, body)
 
 
 def bench_ablation(batch, size, channels, heads, kernel, *, repeats):
   """``{name: seconds}``: fwd+bwd of the default layer and of its parts, interleaved.
 
-  Where a layer's time goes: the layer with and without relative logits, the ``blocked``
-  op with and without them, the op's two einsums (+ softmax) on arrays already cut into
-  the default blocks and halos, the q/k/v projections alone, and the 3x3 conv.
+  Where a layer's time goes: the layer with and without relative logits, the default op
+  (``default_implementation``) with and without them, ``blocked`` with them (the previous
+  default, for scale), the q/k/v projections alone, and the 3x3 conv.
   """
   depth = channels // heads
-  b = min(blocked_ops.DEFAULT_BLOCK_SIZE, size)
-  nb, halo = math.ceil(size / b), b + kernel - 1
+  default = _default_name(size, kernel, channels, heads)
   keys = jax.random.split(jax.random.key(0), 6)
   shape = (batch, size, size, heads, depth)
   q, k, v, g = (jax.random.normal(keys[i], shape) for i in range(4))
   rel_h = jax.random.normal(keys[4], (kernel, depth // 2)) * depth**-0.5
   rel_w = jax.random.normal(keys[5], (kernel, depth // 2)) * depth**-0.5
-  qb = jax.random.normal(keys[0], (batch, nb, nb, heads, b, b, depth))
-  kb = jax.random.normal(keys[1], (batch, nb, nb, heads, halo, halo, depth))
-  vb = jax.random.normal(keys[2], (batch, nb, nb, heads, halo * halo, depth))
 
-  def einsums(qb, kb, vb, softmax):
-    logits = jnp.einsum("bxynqrd,bxynhwd->bxynqrhw", qb, kb)
-    logits = logits.reshape(qb.shape[:6] + (halo * halo,))
-    probs = jax.nn.softmax(logits, axis=-1) if softmax else logits
-    return jnp.einsum("bxynqrk,bxynkd->bxynqrd", probs, vb)
+  def op(implementation, relative):
+    attend = functools.partial(ops.local_attention, kernel_size=kernel,
+                               implementation=implementation)
+    if relative:
+      return (lambda q, k, v, rh, rw: attend(q, k, v, rel_h=rh, rel_w=rw),
+              (q, k, v, rel_h, rel_w), g)
+    return attend, (q, k, v), g
 
+  cands = {
+      f"op {default}, relative logits": op(default, True),
+      f"op {default}, no positional term": op(default, False),
+      "op blocked, relative logits": op("blocked", True),
+  }
   x = jax.random.normal(keys[0], (batch, size, size, channels))
   gx = jax.random.normal(keys[1], (batch, size, size, channels))
-  op = functools.partial(ops.local_attention, kernel_size=kernel, implementation="blocked")
-  cands = {
-      "op blocked, relative logits": (lambda q, k, v, rh, rw: op(q, k, v, rel_h=rh, rel_w=rw),
-                                      (q, k, v, rel_h, rel_w), g),
-      "op blocked, no positional term": (op, (q, k, v), g),
-      f"two einsums + softmax on pre-blocked arrays ({b}×{b} blocks, {halo}×{halo} halos)": (
-          functools.partial(einsums, softmax=True), (qb, kb, vb), qb),
-      "two einsums alone": (functools.partial(einsums, softmax=False), (qb, kb, vb), qb),
-  }
   modules = {
-      "layer, default (relative)": (LocalSelfAttention(channels, heads, kernel), gx),
+      f"layer, default ({default}, relative)": (LocalSelfAttention(channels, heads, kernel), gx),
       "layer, positional='none'": (
           LocalSelfAttention(channels, heads, kernel, positional="none"), gx),
       CONV: (nn.Conv(channels, (3, 3), use_bias=False), gx),
@@ -630,7 +633,7 @@ def main(argv=None) -> int:
   what.add_argument("--ablate", action="store_true",
                     help="where the default layer's fwd+bwd time goes (target shape)")
   what.add_argument("--crossover", action="store_true",
-                    help="op-level fwd+bwd, blocked vs dense around their crossover")
+                    help="op-level fwd+bwd, blocked, shifted and dense around their crossover")
   what.add_argument("--shapes", action="store_true",
                     help="op-level fwd+bwd of every implementation at the models' shapes")
   parser.add_argument("--groups", nargs="+", default=None,
@@ -684,7 +687,8 @@ def main(argv=None) -> int:
     print(common.markdown_table(["part", "ms", "÷ conv 3×3"], [
         [n, common.fmt_ms(t), f"{t / times[CONV]:.1f}"] for n, t in times.items()]))
   elif args.crossover:
-    print(f"\nOp-level fwd+bwd, blocked vs dense, batch {args.batch}, {args.heads} heads:")
+    print(f"\nOp-level fwd+bwd, {', '.join(CROSSOVER_IMPLEMENTATIONS)}, batch {args.batch}, "
+          f"{args.heads} heads:")
     rows = bench_crossover(args.batch, repeats=repeats, heads=args.heads)
     print()
     print(crossover_table(rows))

@@ -17,9 +17,16 @@ _IMPLEMENTATIONS = {
     "fused": fused.fused,
 }
 IMPLEMENTATIONS: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
-# ``dense`` beats ``blocked`` up to about 4-6 k^2 pixels at head depth >= 32, 2-2.6 k^2 at
-# depth 8 (benchmarks/README.md, ``--crossover``), on CPU and on an H200.
+# ``dense`` beats the windowed implementations up to about 4 k^2 pixels
+# (benchmarks/README.md, ``--crossover``), on CPU and on an H200.
 DENSE_MAX_PIXELS_PER_WINDOW = 4
+# On CPU, ``shifted`` beats ``blocked`` at head depths 8 and 16 at every measured shape,
+# and not reliably from depth 32 on (benchmarks/README.md, ``--shapes``, ``--crossover``),
+# where its program (and compile time) also grows with the depth.
+SHIFTED_MAX_HEAD_DEPTH = 16
+# ... and at depth 8 it also beats ``dense`` on small images (``--crossover``: 1.2-2.6x
+# where the window fits in the image).
+SHIFTED_OVER_DENSE_MAX_HEAD_DEPTH = 8
 # On GPU, ``fused`` beats ``blocked`` at head depth 8 (1.7x at 56x56) and not above
 # (benchmarks/README.md, GPU): its per-thread tiles grow with the depth.
 FUSED_MAX_HEAD_DEPTH = 8
@@ -46,20 +53,29 @@ def default_implementation(height: int, width: int, kernel_size: int | Sequence[
   Chosen from the per-shape forward+backward timings in ``benchmarks/README.md`` (``python
   -m benchmarks.layers --shapes`` and ``--crossover``, on the 2-core CPU and on an H200):
 
+  * on CPU (``backend`` ``"cpu"`` or None), ``shifted`` for heads of depth ``head_depth <=
+    SHIFTED_OVER_DENSE_MAX_HEAD_DEPTH`` whenever the window fits in the image;
   * ``dense`` while the image has at most ``DENSE_MAX_PIXELS_PER_WINDOW`` times as many
-    pixels as the window (e.g. the 14x14 and 7x7 stages of the ImageNet models at k = 7:
-    2-5x faster than ``blocked`` on CPU, 1.1-2x on GPU);
-  * on GPU (``backend == "gpu"``), above that, ``fused`` (the Pallas kernel) for heads of
-    depth ``head_depth <= FUSED_MAX_HEAD_DEPTH``;
-  * otherwise ``blocked`` with 4x4 blocks (1.3-1.7x faster than 8x8 blocks, 2.7-4x faster
-    than ``patches`` on CPU; 1.2-4x faster than 8x8 and 16x16 blocks on GPU).
+    pixels as the window (e.g. the 14x14 and 7x7 stages of the ImageNet models at k = 7);
+  * above that, on CPU, ``shifted`` for ``head_depth <= SHIFTED_MAX_HEAD_DEPTH``, and on
+    GPU (``backend == "gpu"``) ``fused`` (the Pallas kernel) for ``head_depth <=
+    FUSED_MAX_HEAD_DEPTH``;
+  * otherwise ``blocked`` with 4x4 blocks.
 
-  None of them copies K and V ``k^2`` times. Backends without measurements (TPU) follow the
-  CPU rule; ``fused`` is never chosen off GPU, where it only runs in interpret mode.
+  None of them copies K and V ``k^2`` times. An unknown ``head_depth`` (None) never picks
+  ``shifted`` or ``fused``. Backends without measurements (TPU) get ``dense`` or
+  ``blocked``; ``fused`` is never chosen off GPU, where it only runs in interpret mode.
   """
   window = _contract.as_window(kernel_size)
-  if height * width <= DENSE_MAX_PIXELS_PER_WINDOW * window.kh * window.kw:
+  on_cpu = backend in (None, "cpu") and head_depth is not None
+  small_image = height * width <= DENSE_MAX_PIXELS_PER_WINDOW * window.kh * window.kw
+  window_fits = window.kh <= height and window.kw <= width
+  if on_cpu and head_depth <= SHIFTED_OVER_DENSE_MAX_HEAD_DEPTH and window_fits:
+    return "shifted"
+  if small_image:
     return "dense"
+  if on_cpu and head_depth <= SHIFTED_MAX_HEAD_DEPTH:
+    return "shifted"
   if backend == "gpu" and head_depth is not None and head_depth <= FUSED_MAX_HEAD_DEPTH:
     return "fused"
   return "blocked"

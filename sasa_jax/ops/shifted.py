@@ -1,6 +1,6 @@
 """Shifted-slice local attention: every window offset is one slice of the padded keys.
 
-The op works on planes, ``(B, N, d, H, W)`` in float32 with the image axes minor. Window
+The op works on planes, ``(N, d, B, H, W)`` in float32 with the image axes minor. Window
 offset ``o = (a, b)`` of every query at once is then the slice ``[a:a + H, b:b + W]`` of K
 (or V) zero-padded by the window's radii, and
 
@@ -50,8 +50,32 @@ def _pad(x, window: _contract.Window):
   return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(window.rh, window.rh), (window.rw, window.rw)])
 
 
+def _unpadded_shape(xp, window: _contract.Window) -> tuple[int, int]:
+  return xp.shape[-2] - 2 * window.rh, xp.shape[-1] - 2 * window.rw
+
+
+def _unpad(xp, window: _contract.Window):
+  """The image part of a ``_pad``-ded array."""
+  height, width = _unpadded_shape(xp, window)
+  return xp[..., window.rh:window.rh + height, window.rw:window.rw + width]
+
+
 def _sum(terms):
   return functools.reduce(jnp.add, terms)
+
+
+def _in_memory(x):
+  """``x``, computed once into memory rather than inside each of its consumers.
+
+  XLA fuses a cheap producer (a transpose, a pad, the sums below) into every consumer and
+  recomputes it there, in the consumer's layout: the per-slot loops reading a transposed
+  q, or dq, dk, dv recomputed for each of the projection's two backward matmuls (the
+  layer ran 2x slower on CPU). It keeps a value in memory when a reduction of the whole
+  value is computed too, so ``x`` gets one that adds an exact float zero: 0. times its
+  number of NaNs. (``lax.optimization_barrier`` does not help: the CPU compiler removes it
+  before fusion; a reduction of a slice or an ``any`` does not either.)
+  """
+  return x + 0. * jnp.sum(jnp.isnan(x), dtype=x.dtype)
 
 
 def _offset_table(rel_h, rel_w, window: _contract.Window):
@@ -70,73 +94,79 @@ def _mask_bias(height: int, width: int, window: _contract.Window) -> np.ndarray:
       window.kh * window.kw, height, width)
 
 
-def _shifted_dots(x, yp, table, window: _contract.Window):
-  """``(B, N, kh * kw, H, W)``: slot ``o = (a, b)`` holds
-  ``sum_c x[c, i, j] * (yp[c, i + a, j + b] + table[o, c])``.
+def _shifted_dots(xp, yp, table, window: _contract.Window, bias=None):
+  """``(N, kh * kw, B, H, W)``: slot ``o = (a, b)`` holds
+  ``sum_c x[c, i, j] * (y[c, i + a - rh, j + b - rw] + table[o, c]) + bias[o, i, j]``.
 
   Args:
-    x: ``(B, N, d, H, W)``; yp: ``(B, N, d, H + kh - 1, W + kw - 1)``, padded.
+    xp, yp: ``(N, d, B, H + kh - 1, W + kw - 1)``, x and y padded.
     table: ``(kh * kw, d)`` or None (no added term).
+    bias: ``(kh * kw, H, W)`` or None.
   """
-  height, width = x.shape[-2:]
+  height, width = _unpadded_shape(xp, window)
+  x = _unpad(xp, window)
   slots = []
   for o, (a, b) in enumerate(_offsets(window)):
     terms = []
-    for c in range(x.shape[2]):
-      y = yp[:, :, c, a:a + height, b:b + width]
-      terms.append(x[:, :, c] * (y if table is None else y + table[o, c]))
+    for c in range(xp.shape[1]):
+      y = yp[:, c, :, a:a + height, b:b + width]
+      terms.append(x[:, c] * (y if table is None else y + table[o, c]))
+    if bias is not None:
+      terms.append(bias[o])
     slots.append(_sum(terms))
-  return jnp.stack(slots, axis=2)
+  return jnp.stack(slots, axis=1)
 
 
 def _weighted_shifts(sp, yp, table, window: _contract.Window):
-  """``(B, N, d, H, W)``: ``sum_o s[o, i, j] * (yp[:, i + a, j + b] + table[o])``.
+  """``(N, d, B, H, W)``: ``sum_o s[o, i, j] * (yp[:, i + a, j + b] + table[o])``.
 
   Args:
-    sp: ``(B, N, kh * kw, H + kh - 1, W + kw - 1)`` per-slot weights, padded.
-    yp: ``(B, N, d, H + kh - 1, W + kw - 1)``, padded; table: ``(kh * kw, d)`` or None.
+    sp: ``(N, kh * kw, B, H + kh - 1, W + kw - 1)`` per-slot weights, padded.
+    yp: ``(N, d, B, H + kh - 1, W + kw - 1)``, padded; table: ``(kh * kw, d)`` or None.
   """
-  rh, rw = window.rh, window.rw
-  height, width = sp.shape[-2] - 2 * rh, sp.shape[-1] - 2 * rw
+  height, width = _unpadded_shape(sp, window)
+  s = _unpad(sp, window)
   terms = []
   for o, (a, b) in enumerate(_offsets(window)):
-    y = yp[:, :, :, a:a + height, b:b + width]
+    y = yp[..., a:a + height, b:b + width]
     if table is not None:
-      y = y + table[o][:, None, None]
-    terms.append(sp[:, :, o, None, rh:rh + height, rw:rw + width] * y)
+      y = y + table[o][:, None, None, None]
+    terms.append(s[:, o, None] * y)
   return _sum(terms)
 
 
 def _mirrored_shifts(sp, xp, window: _contract.Window):
-  """``(B, N, d, H, W)``: at key ``(u, v)``, ``sum_o s[o, u - a', v - b'] * x[:, u - a', v - b']``
+  """``(N, d, B, H, W)``: at key ``(u, v)``, ``sum_o s[o, u - a', v - b'] * x[:, u - a', v - b']``
   over the queries ``(u - a', v - b')`` whose slot ``o`` is that key (``a' = a - rh``).
 
-  The transpose of ``_shifted_dots``/``_weighted_shifts`` as a gather: ``sp`` (``(B, N,
-  kh * kw, ...)``) and ``xp`` (``(B, N, d, ...)``) are padded, so queries outside the image
-  contribute zeros.
+  The transpose of ``_shifted_dots``/``_weighted_shifts`` as a gather: ``sp`` (``(N,
+  kh * kw, B, ...)``) and ``xp`` (``(N, d, B, ...)``) are padded, so queries outside the
+  image contribute zeros.
   """
-  height, width = xp.shape[-2] - 2 * window.rh, xp.shape[-1] - 2 * window.rw
+  height, width = _unpadded_shape(xp, window)
   terms = []
   for o, (a, b) in enumerate(_offsets(window)):
     ma, mb = window.kh - 1 - a, window.kw - 1 - b
-    terms.append(sp[:, :, o, None, ma:ma + height, mb:mb + width] *
-                 xp[:, :, :, ma:ma + height, mb:mb + width])
+    terms.append(sp[:, o, None, :, ma:ma + height, mb:mb + width] *
+                 xp[..., ma:ma + height, mb:mb + width])
   return _sum(terms)
 
 
 def _forward(q, k, v, table, window, scale):
-  """Output planes and the residuals of the backward pass."""
+  """Output planes and the residuals of the backward pass (q, k, v padded)."""
   height, width = q.shape[-2:]
-  logits = scale * _shifted_dots(q, _pad(k, window), table, window)
-  probs = jax.nn.softmax(logits + _mask_bias(height, width, window), axis=2)
-  probs_padded = _pad(probs, window)
-  out = _weighted_shifts(probs_padded, _pad(v, window), None, window)
-  return out, (q, k, v, table, out, probs_padded)
+  qp, kp, vp = (_in_memory(_pad(x, window)) for x in (q, k, v))
+  # The mask goes into the per-slot loops: added to the stacked logits, it would be
+  # broadcast to their full size in memory.
+  logits = _shifted_dots(scale * qp, kp, table, window, _mask_bias(height, width, window))
+  probs_padded = _pad(jax.nn.softmax(logits, axis=1), window)
+  out = _weighted_shifts(probs_padded, vp, None, window)
+  return out, (qp, kp, vp, table, out, probs_padded)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _attend_planes(q, k, v, table, window, scale):
-  """Local attention on ``(B, N, d, H, W)`` float32 planes; ``table`` as ``_offset_table``."""
+  """Local attention on ``(N, d, B, H, W)`` float32 planes; ``table`` as ``_offset_table``."""
   return _forward(q, k, v, table, window, scale)[0]
 
 
@@ -145,18 +175,18 @@ def _attend_planes_fwd(q, k, v, table, window, scale):
 
 
 def _attend_planes_bwd(window, scale, residuals, grad):
-  q, k, v, table, out, probs_padded = residuals
-  height, width = q.shape[-2:]
-  probs = probs_padded[:, :, :, window.rh:window.rh + height, window.rw:window.rw + width]
-  grad_padded = _pad(grad, window)
-  grad_probs = _shifted_dots(grad, _pad(v, window), None, window)
-  delta = jnp.sum(grad * out, axis=2, keepdims=True)  # = sum_o probs * grad_probs
-  grad_logits = scale * probs * (grad_probs - delta)  # d/d(unscaled logit)
+  qp, kp, vp, table, out, probs_padded = residuals
+  grad_padded = _in_memory(_pad(grad, window))
+  grad_probs = _shifted_dots(grad_padded, vp, None, window)
+  delta = jnp.sum(grad * out, axis=1, keepdims=True)  # = sum_o probs * grad_probs
+  grad_logits = scale * _unpad(probs_padded, window) * (grad_probs - delta)  # d/d(logit/scale)
   grad_logits_padded = _pad(grad_logits, window)
-  dq = _weighted_shifts(grad_logits_padded, _pad(k, window), table, window)
-  dk = _mirrored_shifts(grad_logits_padded, _pad(q, window), window)
+  dq = _weighted_shifts(grad_logits_padded, kp, table, window)
+  dk = _mirrored_shifts(grad_logits_padded, qp, window)
   dv = _mirrored_shifts(probs_padded, grad_padded, window)
-  dtable = None if table is None else jnp.einsum("bnoij,bncij->oc", grad_logits, q)
+  dq, dk, dv = map(_in_memory, (dq, dk, dv))
+  dtable = None if table is None else jnp.einsum("nobij,ncbij->oc", grad_logits,
+                                                 _unpad(qp, window))
   return dq, dk, dv, dtable
 
 
@@ -166,11 +196,11 @@ _attend_planes.defvjp(_attend_planes_fwd, _attend_planes_bwd)
 def shifted(query, key, value, *, window, rel_h, rel_w, scale):
   """Shifted-slice local attention; same contract as ``reference``."""
 
-  def planes(x):  # (B, H, W, N, d) -> (B, N, d, H, W)
-    return x.transpose(0, 3, 4, 1, 2).astype(jnp.float32)
+  def planes(x):  # (B, H, W, N, d) -> (N, d, B, H, W)
+    return x.transpose(3, 4, 0, 1, 2).astype(jnp.float32)
 
   table = None
   if rel_h is not None:
     table = _offset_table(rel_h.astype(jnp.float32), rel_w.astype(jnp.float32), window)
   out = _attend_planes(planes(query), planes(key), planes(value), table, window, scale)
-  return out.transpose(0, 3, 4, 1, 2).astype(query.dtype)
+  return out.transpose(2, 3, 4, 0, 1).astype(query.dtype)
