@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sasa_jax import ops
-from sasa_jax.ops import _contract, blocked
+from sasa_jax.ops import _contract, blocked, shifted
 
 FAST_IMPLEMENTATIONS = [name for name in ops.IMPLEMENTATIONS if name != "reference"]
 
@@ -193,6 +193,13 @@ def test_vmap_and_jit(implementation):
   for i in range(3):
     np.testing.assert_allclose(stacked[i], op(q, k, v * (i + 1), rel_h=rel_h, rel_w=rel_w),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_shifted_in_memory_is_the_identity():
+  """The fusion guard of ``shifted`` adds an exact zero, whatever the values."""
+  x = jnp.array([[1.5, -2.0, jnp.inf], [-jnp.inf, jnp.nan, -0.0]])
+  np.testing.assert_array_equal(shifted._in_memory(x), x)
+  np.testing.assert_array_equal(shifted._in_memory(-x[:1, :2]), -x[:1, :2])
 
 
 def test_attention_weights_reproduce_the_output():
