@@ -216,26 +216,28 @@ def test_attention_weights_reproduce_the_output():
 
 
 def test_default_implementation_is_valid_and_used():
-  """The measured rule (benchmarks/README.md): on CPU shifted for heads of depth <= 8 where
-  the window fits; dense up to 4 k^2 pixels; above that shifted on CPU for depth <= 16,
-  fused on GPU for depth <= 8, blocked otherwise; never an implementation that copies K and
-  V k^2 times, never the interpret-mode kernel off GPU."""
+  """The measured rule (benchmarks/README.md): dense up to 4 k^2 pixels (2 k^2 on CPU for
+  heads of depth <= 8); above that shifted on CPU for depth <= 32, fused on GPU for
+  depth <= 8, blocked otherwise; never an implementation that copies K and V k^2 times,
+  never the interpret-mode kernel off GPU."""
   for height, width, kernel, want in [(56, 56, 7, "blocked"), (28, 28, 7, "blocked"),
                                       (14, 14, 7, "dense"), (7, 7, 7, "dense"),
                                       (3, 3, 11, "dense"), (224, 224, 3, "blocked"),
                                       (8, 8, 5, "dense"), (12, 12, 5, "blocked")]:
     assert ops.default_implementation(height, width, kernel) == want, (height, kernel)
-  for backend, depth, want in [("cpu", 8, "shifted"), (None, 16, "shifted"),
-                               ("cpu", 32, "blocked"), ("cpu", None, "blocked"),
+  for backend, depth, want in [("cpu", 8, "shifted"), (None, 32, "shifted"),
+                               ("cpu", 64, "blocked"), ("cpu", None, "blocked"),
                                ("gpu", 8, "fused"), ("gpu", 4, "fused"), ("gpu", 16, "blocked"),
                                ("gpu", None, "blocked"), ("tpu", 8, "blocked")]:
     assert ops.default_implementation(56, 56, 7, backend, depth) == want, (backend, depth)
   for backend in ("gpu", "tpu"):
     assert ops.default_implementation(14, 14, 7, backend, 8) == "dense"
-  for height, width, depth, want in [(14, 14, 8, "shifted"), (14, 14, 16, "dense"),
-                                     (7, 7, 8, "shifted"), (5, 9, 8, "dense")]:
-    assert ops.default_implementation(height, width, 7, "cpu", depth) == want, (height, depth)
-  assert ops.default_implementation(9, 7, 3, jax.default_backend(), 4) in ops.IMPLEMENTATIONS
+  for height, width, kernel, depth, want in [(14, 14, 7, 8, "shifted"), (10, 10, 7, 8, "shifted"),
+                                             (8, 8, 7, 8, "dense"), (14, 14, 7, 16, "dense"),
+                                             (6, 6, 3, 4, "shifted"), (4, 4, 3, 4, "dense"),
+                                             (5, 5, 9, 8, "dense")]:
+    assert ops.default_implementation(height, width, kernel, "cpu", depth) == want, (
+        height, kernel, depth)
   (q, k, v), (rel_h, rel_w) = random_inputs((1, 9, 7, 2, 4, 3), True)
   np.testing.assert_allclose(
       ops.local_attention(q, k, v, kernel_size=3, rel_h=rel_h, rel_w=rel_w),

@@ -18,15 +18,15 @@ _IMPLEMENTATIONS = {
 }
 IMPLEMENTATIONS: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
 # ``dense`` beats the windowed implementations up to about 4 k^2 pixels
-# (benchmarks/README.md, ``--crossover``), on CPU and on an H200.
+# (benchmarks/README.md, ``--crossover``), on CPU and on an H200 ...
 DENSE_MAX_PIXELS_PER_WINDOW = 4
-# On CPU, ``shifted`` beats ``blocked`` at head depths 8 and 16 at every measured shape,
-# and not reliably from depth 32 on (benchmarks/README.md, ``--shapes``, ``--crossover``),
+# ... except against ``shifted`` on CPU at head depth <= 8, where it wins only up to 2 k^2.
+SHALLOW_HEAD_DEPTH = 8
+SHALLOW_DENSE_MAX_PIXELS_PER_WINDOW = 2
+# On CPU, ``shifted`` beats ``blocked`` at head depths 8 to 32 at every measured shape,
+# and not reliably at depth 64 (benchmarks/README.md, ``--shapes``, ``--crossover``),
 # where its program (and compile time) also grows with the depth.
-SHIFTED_MAX_HEAD_DEPTH = 16
-# ... and at depth 8 it also beats ``dense`` on small images (``--crossover``: 1.2-2.6x
-# where the window fits in the image).
-SHIFTED_OVER_DENSE_MAX_HEAD_DEPTH = 8
+SHIFTED_MAX_HEAD_DEPTH = 32
 # On GPU, ``fused`` beats ``blocked`` at head depth 8 (1.7x at 56x56) and not above
 # (benchmarks/README.md, GPU): its per-thread tiles grow with the depth.
 FUSED_MAX_HEAD_DEPTH = 8
@@ -53,13 +53,13 @@ def default_implementation(height: int, width: int, kernel_size: int | Sequence[
   Chosen from the per-shape forward+backward timings in ``benchmarks/README.md`` (``python
   -m benchmarks.layers --shapes`` and ``--crossover``, on the 2-core CPU and on an H200):
 
-  * on CPU (``backend`` ``"cpu"`` or None), ``shifted`` for heads of depth ``head_depth <=
-    SHIFTED_OVER_DENSE_MAX_HEAD_DEPTH`` whenever the window fits in the image;
   * ``dense`` while the image has at most ``DENSE_MAX_PIXELS_PER_WINDOW`` times as many
-    pixels as the window (e.g. the 14x14 and 7x7 stages of the ImageNet models at k = 7);
-  * above that, on CPU, ``shifted`` for ``head_depth <= SHIFTED_MAX_HEAD_DEPTH``, and on
-    GPU (``backend == "gpu"``) ``fused`` (the Pallas kernel) for ``head_depth <=
-    FUSED_MAX_HEAD_DEPTH``;
+    pixels as the window (e.g. the 14x14 and 7x7 stages of the ImageNet models at k = 7),
+    or ``SHALLOW_DENSE_MAX_PIXELS_PER_WINDOW`` times on CPU for heads of depth
+    ``head_depth <= SHALLOW_HEAD_DEPTH``;
+  * above that, on CPU (``backend`` ``"cpu"`` or None), ``shifted`` for ``head_depth <=
+    SHIFTED_MAX_HEAD_DEPTH``, and on GPU (``backend == "gpu"``) ``fused`` (the Pallas
+    kernel) for ``head_depth <= FUSED_MAX_HEAD_DEPTH``;
   * otherwise ``blocked`` with 4x4 blocks.
 
   None of them copies K and V ``k^2`` times. An unknown ``head_depth`` (None) never picks
@@ -68,11 +68,9 @@ def default_implementation(height: int, width: int, kernel_size: int | Sequence[
   """
   window = _contract.as_window(kernel_size)
   on_cpu = backend in (None, "cpu") and head_depth is not None
-  small_image = height * width <= DENSE_MAX_PIXELS_PER_WINDOW * window.kh * window.kw
-  window_fits = window.kh <= height and window.kw <= width
-  if on_cpu and head_depth <= SHIFTED_OVER_DENSE_MAX_HEAD_DEPTH and window_fits:
-    return "shifted"
-  if small_image:
+  dense_limit = (SHALLOW_DENSE_MAX_PIXELS_PER_WINDOW
+                 if on_cpu and head_depth <= SHALLOW_HEAD_DEPTH else DENSE_MAX_PIXELS_PER_WINDOW)
+  if height * width <= dense_limit * window.kh * window.kw:
     return "dense"
   if on_cpu and head_depth <= SHIFTED_MAX_HEAD_DEPTH:
     return "shifted"

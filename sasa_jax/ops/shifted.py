@@ -180,7 +180,8 @@ def _attend_planes_bwd(window, scale, residuals, grad):
   grad_padded = _in_memory(_pad(grad, window))
   grad_probs = _shifted_dots(grad_padded, vp, None, window)
   delta = jnp.sum(grad * out, axis=1, keepdims=True)  # = sum_o probs * grad_probs
-  grad_logits = scale * _unpad(probs_padded, window) * (grad_probs - delta)  # d/d(logit/scale)
+  # d/d(q . (k + r)), the logit before the scale.
+  grad_logits = scale * _unpad(probs_padded, window) * (grad_probs - delta)
   grad_logits_padded = _pad(grad_logits, window)
   dq = _weighted_shifts(grad_logits_padded, kp, table, window)
   dk = _mirrored_shifts(grad_logits_padded, qp, window)
