@@ -33,3 +33,14 @@ def test_unknown_variant_is_refused_with_the_allowed_names(capsys):
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert "--implementations: invalid choice: 'unfold'" in err and "'fused'" in err
+
+
+def test_crossover_table_names_the_fastest_and_flags_a_default_that_is_not():
+  rows = [dict(kernel=7, size=8, channels=64, heads=8, default="dense", blocked=3.0,
+               shifted=2.0, dense=2.5),
+          dict(kernel=7, size=8, channels=256, heads=8, default="dense", blocked=7.0,
+               shifted=7.1, dense=3.2)]
+  table = layers.crossover_table(rows)
+  assert "C=64 (d=8)" in table and "C=256 (d=32)" in table
+  assert "dense* / shifted; 1.25" in table  # dense ÷ the faster windowed one (shifted)
+  assert "dense / dense; **0.46**" in table  # dense faster: bold, default not flagged
