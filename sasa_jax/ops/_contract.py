@@ -113,6 +113,20 @@ def neighbour_mask(size: int, offsets: int, radius: int, start: np.ndarray) -> n
   return (positions >= 0) & (positions < size)
 
 
+def window_mask(height: int, width: int, window: Window) -> np.ndarray:
+  """``(H, W, kh * kw)`` bool: is neighbour ``(a, b)`` of pixel ``(i, j)`` in the image."""
+  rows = neighbour_mask(height, window.kh, window.rh, np.arange(height))
+  cols = neighbour_mask(width, window.kw, window.rw, np.arange(width))
+  mask = rows[:, None, :, None] & cols[None, :, None, :]
+  return mask.reshape(height, width, window.kh * window.kw)
+
+
+def mask_bias(mask: np.ndarray) -> np.ndarray:
+  """float32 additive logit bias of a static mask: 0 where kept, ``MASKED_LOGIT`` where
+  excluded."""
+  return np.where(mask, 0.0, MASKED_LOGIT).astype(np.float32)
+
+
 def relative_logits(q, rel_h, rel_w):
   """Per-query row and column relative logits.
 
@@ -138,5 +152,4 @@ def masked_softmax(logits, mask: np.ndarray):
   ``mask`` is static (numpy), so the exclusion is a constant additive bias: cheaper than a
   select, and nothing to differentiate.
   """
-  bias = np.where(mask, 0.0, MASKED_LOGIT).astype(np.float32)
-  return jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1)
+  return jax.nn.softmax(logits.astype(jnp.float32) + mask_bias(mask), axis=-1)

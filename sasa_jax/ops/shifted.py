@@ -90,13 +90,9 @@ def _offset_table(rel_h, rel_w, window: _contract.Window):
 
 
 def _mask_bias(height: int, width: int, window: _contract.Window) -> np.ndarray:
-  """``(kh * kw, H, W)``: 0 where slot ``o`` of pixel ``(i, j)`` is in the image, else
-  ``MASKED_LOGIT``."""
-  rows = _contract.neighbour_mask(height, window.kh, window.rh, np.arange(height))  # (H, kh)
-  cols = _contract.neighbour_mask(width, window.kw, window.rw, np.arange(width))  # (W, kw)
-  inside = rows.T[:, None, :, None] & cols.T[None, :, None, :]  # (kh, kw, H, W)
-  return np.where(inside, 0.0, _contract.MASKED_LOGIT).astype(np.float32).reshape(
-      window.kh * window.kw, height, width)
+  """``(kh * kw, H, W)``: the logit bias of slot ``o`` of pixel ``(i, j)``: 0 in the image,
+  ``MASKED_LOGIT`` outside."""
+  return np.moveaxis(_contract.mask_bias(_contract.window_mask(height, width, window)), -1, 0)
 
 
 def _shifted_dots(xp, yp, table, window: _contract.Window, bias=None):

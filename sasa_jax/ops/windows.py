@@ -16,17 +16,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sasa_jax.ops import _contract
-
-
-def _window_mask(height: int, width: int, window: _contract.Window) -> np.ndarray:
-  """``(H, W, kh * kw)`` bool: is neighbour ``(a, b)`` of pixel ``(i, j)`` in the image."""
-  rows = _contract.neighbour_mask(height, window.kh, window.rh, np.arange(height))
-  cols = _contract.neighbour_mask(width, window.kw, window.rw, np.arange(width))
-  mask = rows[:, None, :, None] & cols[None, :, None, :]
-  return mask.reshape(height, width, window.kh * window.kw)
 
 
 def _window_probs(query, key_windows, window, rel_h, rel_w, scale):
@@ -48,7 +39,7 @@ def _window_probs(query, key_windows, window, rel_h, rel_w, scale):
     logit_h, logit_w = _contract.relative_logits(query, rel_h, rel_w)
     positional = logit_h[..., :, None] + logit_w[..., None, :]
     logits = logits + positional.reshape(logits.shape)
-  mask = _window_mask(height, width, window)[None, :, :, None, :]
+  mask = _contract.window_mask(height, width, window)[None, :, :, None, :]
   return _contract.masked_softmax(scale * logits, mask)
 
 
