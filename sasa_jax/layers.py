@@ -186,14 +186,36 @@ class LocalSelfAttention(nn.Module):
     return out
 
 
+class _HeadProjectionWeights(nn.Module):
+  """The parameters of ``_head_projection`` (``kernel`` ``(C, N, d)``, ``bias`` ``(N, d)``,
+  initialised the same way), for a module that contracts them itself."""
+
+  num_heads: int
+  head_depth: int
+  use_bias: bool
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, channels: int) -> jax.Array:
+    """``(C, N, d)``, or with ``use_bias`` ``(C + 1, N, d)``: the bias is the last row."""
+    shape = (self.num_heads, self.head_depth)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+                        (channels,) + shape, self.param_dtype)
+    if not self.use_bias:
+      return kernel
+    bias = self.param("bias", nn.initializers.zeros_init(), shape, self.param_dtype)
+    return jnp.concatenate([kernel, bias[None]], axis=0)
+
+
 class AttentionStem(nn.Module):
   """The paper's attention stem (§3.2): attention with spatially-aware values.
 
   Each pixel attends to the pixels of its ``block_size x block_size`` block (the blocks
   tile the image and align with the max-pooling that follows in the model). Queries and
-  keys are ordinary 1x1 projections (params ``query``, ``key``); the value of key pixel
-  ``(a, b)`` (its position inside the block) is a position-dependent mixture of
-  ``num_mixtures`` value projections (param ``value``, ``(m, C, features)``)::
+  keys are ordinary 1x1 projections (params ``query``, ``key``, as in
+  ``LocalSelfAttention``); the value of key pixel ``(a, b)`` (its position inside the
+  block) is a position-dependent mixture of ``num_mixtures`` value projections (param
+  ``value``, ``(m, C, features)``)::
 
       v_ab = sum_m p(a, b, m) W_V^m x_ab,
       p(a, b, m) = softmax_m((emb_row[a] + emb_col[b]) . nu[m])
@@ -203,6 +225,16 @@ class AttentionStem(nn.Module):
   is the attention alone: the model follows it with BatchNorm, ReLU and
   ``block_size x block_size`` max-pooling.
 
+  Computed without forming q, k or v, which would be ``features`` wide at the full input
+  resolution for a ``C = 3`` input. Per head, with ``x~ = [x, 1]`` when ``use_bias`` (else
+  ``x``) and the projections' kernels with their bias rows ``W~_Q``, ``W~_K``::
+
+      q_i . k_j = x~_i^T (W~_Q W~_K^T) x~_j,                          a C-term dot
+      sum_j softmax_j(.) v_j = sum_m W_V^m (sum_j softmax_j(.) p(j, m) x_j)
+
+  the same function, in ``C``-wide rather than ``d``-wide contractions, and the value
+  projections become one matmul of the attended inputs.
+
   Attributes:
     features: output channels (the stem's width, 64 in the paper's ResNets).
     num_heads: attention heads (paper: 4).
@@ -210,8 +242,8 @@ class AttentionStem(nn.Module):
     num_mixtures: value projections mixed, ``m`` (the paper does not state it; 4 is the
       common choice).
     mixture_features: the width of the position and mixture embeddings.
-    use_bias: biases on the projections.
-    dtype: computation dtype (``None``: the input's); softmax runs in float32.
+    use_bias: biases on the query and key projections.
+    dtype: computation dtype (``None``: the input's); logits and softmax run in float32.
     param_dtype: parameter dtype.
   """
 
@@ -242,38 +274,55 @@ class AttentionStem(nn.Module):
     return jax.nn.softmax(jnp.einsum("abe,me->abm", position.astype(jnp.float32),
                                      nu.astype(jnp.float32)), axis=-1)
 
+  def _query_key_form(self, channels: int) -> jax.Array:
+    """``(C~, N, C~)``: per head, ``W~_Q W~_K^T / sqrt(d)`` (``C~ = C + use_bias``)."""
+    depth = self.features // self.num_heads
+    weights = functools.partial(_HeadProjectionWeights, self.num_heads, depth, self.use_bias,
+                                self.param_dtype)
+    w_query = weights(name="query")(channels).astype(jnp.float32)
+    w_key = weights(name="key")(channels).astype(jnp.float32)
+    return jnp.einsum("cnd,end->cne", w_query, w_key) * depth**-0.5
+
+  def _value_projection(self, channels: int) -> jax.Array:
+    """``(N * m * C, features)``: head ``n``'s ``(m * C, d)`` value kernels on the diagonal."""
+    kernels = self.param("value", nn.initializers.lecun_normal(batch_axis=(0,)),
+                         (self.num_mixtures, channels, self.features), self.param_dtype)
+    heads = kernels.reshape(self.num_mixtures * channels, self.num_heads, -1)
+    return jax.scipy.linalg.block_diag(*(heads[:, n] for n in range(self.num_heads)))
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """``(B, H, W, C)`` -> ``(B, H, W, features)``; H and W multiples of ``block_size``."""
     _check_input("AttentionStem", x)
-    _, height, width, channels = x.shape
+    batch, height, width, channels = x.shape
     if height % self.block_size or width % self.block_size:
       raise ValueError(
           f"AttentionStem attends within {self.block_size}x{self.block_size} blocks, so the "
           f"image height and width must be multiples of block_size={self.block_size}; got "
           f"{height}x{width}.")
     dtype = self.dtype or x.dtype
-    depth = self.features // self.num_heads
-    project = functools.partial(_head_projection, self.num_heads, depth, self.use_bias,
-                                dtype, self.param_dtype)
-    query = project("query")(x)
-    key = project("key")(x)
-
-    kernels = self.param("value", nn.initializers.lecun_normal(batch_axis=(0,)),
-                         (self.num_mixtures, channels, self.features), self.param_dtype)
-    mixture = self._mixture_weights()  # (block, block, m)
     blocks = dict(p=self.block_size, q=self.block_size)
-    tiled = einops.repeat(mixture, "p q m -> (x p) (y q) m", x=height // self.block_size,
-                          y=width // self.block_size, **blocks)
-    # Mix the m kernels per position first: (H, W, C, F) weights, one matmul per pixel.
-    value = jnp.einsum("hwm,mcf,bhwc->bhwf", tiled.astype(dtype), kernels.astype(dtype),
-                       x.astype(dtype))
-    value = value.reshape(value.shape[:3] + (self.num_heads, depth))
+    # (B, X, Y, P, C): the P = block_size**2 pixels of each block, row-major.
+    pixels = einops.rearrange(x.astype(dtype), "b (x p) (y q) c -> b x y (p q) c", **blocks)
+    augmented = pixels
+    if self.use_bias:
+      augmented = jnp.concatenate([pixels, jnp.ones_like(pixels[..., :1])], axis=-1)
 
-    to_blocks = "b (x p) (y q) n d -> b x y n (p q) d"
-    q, k, v = (einops.rearrange(t, to_blocks, **blocks) for t in (query, key, value))
-    logits = jnp.einsum("bxynid,bxynjd->bxynij", q, k,
-                        preferred_element_type=jnp.float32) * depth**-0.5
+    # Logits (B, X, Y, N * P, P): row (n, i) holds head n's q_i . k_j / sqrt(d) over keys j.
+    form = self._query_key_form(channels).astype(dtype)
+    mapped = jnp.einsum("bxyic,cne->bxynie", augmented, form)
+    mapped = mapped.reshape(mapped.shape[:3] + (-1, mapped.shape[-1]))
+    logits = jnp.einsum("bxyke,bxyje->bxykj", mapped, augmented,
+                        preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    out = jnp.einsum("bxynij,bxynjd->bxynid", probs, v)
-    return einops.rearrange(out, "b x y n (p q) d -> b (x p) (y q) (n d)", **blocks)
+
+    # (B, X, Y, P, m * C): key j's input weighted by each mixture p(j, m); attended per
+    # (head, query) row, then all heads' value projections as one matmul.
+    mixture = self._mixture_weights().reshape(-1, self.num_mixtures).astype(dtype)
+    mixed = jnp.einsum("jm,bxyjc->bxyjmc", mixture, pixels)
+    mixed = mixed.reshape(mixed.shape[:4] + (-1,))
+    attended = jnp.einsum("bxykj,bxyjf->bxykf", probs, mixed)
+    attended = einops.rearrange(attended, "b x y (n p q) f -> (b x p y q) (n f)",
+                                n=self.num_heads, **blocks)
+    out = attended @ self._value_projection(channels).astype(dtype)
+    return out.reshape(batch, height, width, self.features)

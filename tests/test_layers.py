@@ -2,11 +2,13 @@
 
 import functools
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numerics import TOLERANCE, rel_error
 from sasa_jax import layers, ops
 
 
@@ -158,6 +160,63 @@ def test_attention_stem_shapes_parameters_and_blocks():
   want = np.zeros((8, 12), bool)
   want[4:8, 4:8] = True
   np.testing.assert_array_equal(sensitivity, want)
+
+
+def stem_reference(params, x, num_heads, block_size):
+  """The stem as the paper writes it, in float32: per-pixel q, k and spatially-aware v
+  (``v_ab = sum_m p(a, b, m) W_V^m x_ab``), softmax(q . k / sqrt(d)) within each block."""
+  params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+  x = x.astype(jnp.float32)
+  height, width = x.shape[1:3]
+  blocks = dict(p=block_size, q=block_size)
+
+  def project(name):
+    out = jnp.einsum("bhwc,cnd->bhwnd", x, params[name]["kernel"])
+    return out + params[name].get("bias", 0.)
+
+  position = params["emb_row"][:, None] + params["emb_col"][None]
+  mixture = jax.nn.softmax(position @ params["mixture_embedding"].T, axis=-1)  # p(a, b, m)
+  tiled = jnp.tile(mixture, (height // block_size, width // block_size, 1))
+  value = jnp.einsum("hwm,mcf,bhwc->bhwf", tiled, params["value"], x)
+  value = einops.rearrange(value, "b h w (n d) -> b h w n d", n=num_heads)
+  q, k, v = (einops.rearrange(t, "b (x p) (y q) n d -> b x y n (p q) d", **blocks)
+             for t in (project("query"), project("key"), value))
+  logits = jnp.einsum("bxynid,bxynjd->bxynij", q, k) / np.sqrt(q.shape[-1])
+  out = jnp.einsum("bxynij,bxynjd->bxynid", jax.nn.softmax(logits, axis=-1), v)
+  return einops.rearrange(out, "b x y n (p q) d -> b (x p) (y q) (n d)", **blocks)
+
+
+@pytest.mark.parametrize("use_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape, block_size", [((2, 6, 10, 5), 2), ((1, 8, 12, 3), 4)])
+def test_attention_stem_matches_the_papers_formula(shape, block_size, dtype, use_bias):
+  """Output and the gradients of every parameter and of the input; bf16 runs against the
+  float32 formula on the same bf16-rounded input and parameters."""
+  stem = layers.AttentionStem(features=12, num_heads=3, block_size=block_size,
+                              num_mixtures=3, use_bias=use_bias, dtype=dtype)
+  x = images(shape).astype(dtype)
+  params = stem.init(jax.random.PRNGKey(1), x)["params"]
+  # Non-zero biases, and parameters exactly representable in the compute dtype.
+  params = jax.tree.map(
+      lambda a: (a + 0.3 * jax.random.normal(jax.random.PRNGKey(2), a.shape)).astype(
+          dtype).astype(jnp.float32), params)
+  cotangent = images(shape[:3] + (12,), seed=3)
+
+  def loss(fn, params, x):
+    return jnp.sum(fn(params, x).astype(jnp.float32) * cotangent)
+
+  ours = lambda params, x: stem.apply({"params": params}, x)
+  formula = lambda params, x: stem_reference(params, x, 3, block_size)
+  got_out = ours(params, x)
+  assert got_out.dtype == dtype
+  assert rel_error(got_out, formula(params, x)) < TOLERANCE[dtype]
+  got = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, x)
+  want = jax.grad(functools.partial(loss, formula), argnums=(0, 1))(params, x)
+  if use_bias:  # A key bias adds q . b_k to a whole row of logits: the softmax ignores it.
+    for grads in (got, want):
+      np.testing.assert_allclose(grads[0]["key"].pop("bias"), 0, atol=1e-3)
+  for got_grad, want_grad in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert rel_error(got_grad, want_grad) < TOLERANCE[dtype]
 
 
 def test_attention_stem_values_are_spatially_aware():

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numerics import TOLERANCE, rel_error
 from sasa_jax import ops
 from sasa_jax.ops import _contract, blocked, shifted
 
@@ -24,7 +25,6 @@ SHAPES = [
     (1, 3, 2, 2, 4, 7),
     (1, 11, 5, 1, 8, (3, 5)),
 ]
-TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
 def random_inputs(shape, relative, dtype=jnp.float32, seed=0):
@@ -37,12 +37,6 @@ def random_inputs(shape, relative, dtype=jnp.float32, seed=0):
             jax.random.normal(keys[4], (kw, depth // 2)).astype(dtype)) if relative else (
                 None, None)
   return qkv, tables
-
-
-def rel_error(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  # Exactly-zero references (e.g. d out / d q for a 1x1 window) compare absolutely.
-  return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)
 
 
 def brute_force(q, k, v, kernel_size, rel_h=None, rel_w=None, scale=None):
