@@ -232,8 +232,9 @@ class AttentionStem(nn.Module):
       q_i . k_j = x~_i^T (W~_Q W~_K^T) x~_j,                          a C-term dot
       sum_j softmax_j(.) v_j = sum_m W_V^m (sum_j softmax_j(.) p(j, m) x_j)
 
-  the same function, in ``C``-wide rather than ``d``-wide contractions, and the value
-  projections become one matmul of the attended inputs.
+  the same function, in ``C``-wide rather than ``d``-wide contractions (cheaper while
+  ``C < d``, as for RGB input), and the value projections become one matmul of the
+  attended inputs.
 
   Attributes:
     features: output channels (the stem's width, 64 in the paper's ResNets).
