@@ -224,8 +224,9 @@ def _torch_alternative(channels, heads, kernel, x_nhwc, g_nhwc, mode):
   return run, common.torch_peak_bytes(run, live)
 
 
-def bench_layer_config(batch, size, channels, kernel, heads, *, repeats, use_torch,
-                       max_mib, dense_max_ratio=math.inf, modes=MODES, log=print) -> dict[str, dict[str, Result]]:
+def bench_layer_config(batch, size, channels, kernel, heads, *, repeats, use_torch, max_mib,
+                       dense_max_ratio=math.inf, modes=MODES,
+                       log=print) -> dict[str, dict[str, Result]]:
   """``{mode: {alternative: Result}}`` for one shape, alternatives timed interleaved."""
   x = jax.random.normal(jax.random.key(1), (batch, size, size, channels))
   g = jax.random.normal(jax.random.key(2), (batch, size, size, channels))

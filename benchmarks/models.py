@@ -6,10 +6,11 @@
 
 One training step = ``sasa_jax.training.train_step``, the step ``train.py`` runs: forward
 in train mode (batch statistics, ``batch_stats`` updated), softmax cross-entropy on random
-labels, backward, and a Nesterov-momentum SGD update (optax), jitted with the state donated. All models of one image size are compiled first
-(compilation excluded) and then timed in interleaved rounds (``benchmarks.common``); the
-table reports the median images/s and each SASA model's throughput as a fraction of the
-convolutional ResNet of the same depth, measured in the same run. Memory is XLA's compiled
+labels, backward, and a Nesterov-momentum SGD update (optax), jitted with the state
+donated. All models of one image size are compiled first (compilation excluded) and then
+timed in interleaved rounds (``benchmarks.common``); the table reports the median
+images/s and each SASA model's throughput as a fraction of the convolutional ResNet of
+the same depth, measured in the same run. Memory is XLA's compiled
 memory analysis of the step (arguments + outputs + temporaries). FLOPs are the analytic
 forward counts of ``sasa_jax.models.describe`` (2 x multiply-adds, the paper's Table 1
 convention).
