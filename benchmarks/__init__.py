@@ -1,5 +1,6 @@
-"""Benchmarks of sasa_jax (never run as tests): ``python -m benchmarks.layers`` and
-``python -m benchmarks.models``. See ``benchmarks/README.md`` for the results."""
+"""Benchmarks of sasa_jax (never run as tests): ``python -m benchmarks.layers``,
+``python -m benchmarks.models`` and the accuracy check ``python -m benchmarks.accuracy``.
+See ``benchmarks/README.md`` for the results."""
 
 import os
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from benchmarks import layers, models
+from benchmarks import accuracy, layers, models
 
 
 def test_models_benchmark_prints_its_table(capsys):
@@ -16,6 +16,18 @@ def test_models_benchmark_prints_its_table(capsys):
   rows = [line for line in out.splitlines() if line.startswith("| 8×8 |")]
   assert [row.split("|")[4].strip() for row in rows] == ["resnet_tiny", "sasa_tiny"]
   assert all("| bfloat16 |" in row for row in rows)
+
+
+def test_accuracy_check_prints_errors_and_fails_above_its_bound(capsys):
+  # Every float32 error is ~1e-7 on CPU, so a 1e-9 bound must fail.
+  assert accuracy.main(["--implementations", "dense", "--dtypes", "float32",
+                        "--fail-above", "1e-9"]) == 1
+  out = capsys.readouterr().out
+  (row,) = [line for line in out.splitlines() if line.startswith("| dense |")]
+  errors = [float(cell) for cell in row.strip("| ").split(" | ")[2:]]
+  assert len(errors) == len(accuracy.QUANTITIES)
+  assert all(0 < error < 1e-5 for error in errors)
+  assert "above --fail-above 1e-09" in out
 
 
 def test_shapes_benchmark_times_only_what_was_asked(capsys):
