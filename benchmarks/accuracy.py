@@ -66,7 +66,9 @@ def output_and_grads(implementation: str, kernel_size, args, cotangent):
   return run(args, cotangent)
 
 
-def _rel_error(got, want) -> float:
+def rel_error(got, want) -> float:
+  """``||got - want|| / ||want||`` in float64 (absolute where ``want`` is exactly zero,
+  e.g. d out / d q for a 1x1 window)."""
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
 
@@ -87,7 +89,7 @@ def errors(implementations, dtypes, precision: str, shapes=SHAPES) -> dict:
           got = output_and_grads(name, shape[-1], args, cotangent)
           cell = table.setdefault((name, dtype_name), [0.0] * len(QUANTITIES))
           for i, (g, w) in enumerate(zip(got, want)):
-            error = _rel_error(g, w)
+            error = rel_error(g, w)
             cell[i] = error if np.isnan(error) else max(cell[i], error)
   return table
 

@@ -10,10 +10,9 @@ labels, backward, and a Nesterov-momentum SGD update (optax), jitted with the st
 donated. All models of one image size are compiled first (compilation excluded) and then
 timed in interleaved rounds (``benchmarks.common``); the table reports the median
 images/s and each SASA model's throughput as a fraction of the convolutional ResNet of
-the same depth, measured in the same run. Memory is XLA's compiled
-memory analysis of the step (arguments + outputs + temporaries). FLOPs are the analytic
-forward counts of ``sasa_jax.models.describe`` (2 x multiply-adds, the paper's Table 1
-convention).
+the same depth, measured in the same run. Memory is XLA's compiled memory analysis of the
+step (arguments + outputs + temporaries). FLOPs are the analytic forward counts of
+``sasa_jax.models.describe`` (2 x multiply-adds, the paper's Table 1 convention).
 """
 
 from __future__ import annotations
