@@ -1,11 +1,15 @@
-"""Attention maps of SASA layers, for visualisation.
+"""Attention maps of SASA layers and the attention stem, for visualisation.
 
 Every ``LocalSelfAttention`` sows its softmax probabilities ``attention_weights``
 ``(B, H, W, N, kh, kw)`` into the ``intermediates`` collection when that collection is
 mutable (``ops.attention_weights``: entry ``[b, i, j, n, a, c]`` is the weight that head
 ``n`` of output pixel ``(i, j)`` gives to input pixel ``(i + a - kh//2, j + c - kw//2)``,
-zero outside the image). This module collects them from a layer or a whole model and
-turns a pixel's window into a map over the feature grid, ready to draw over the image::
+zero outside the image). ``AttentionStem`` sows its block attention in the same format,
+in a ``(2 * block_size - 1)``-square window centred on each pixel (the smallest that
+holds the pixel's block wherever the pixel sits in it), zero outside the pixel's block;
+its maps are on the image grid. This module collects them from a layer or a whole model
+and turns a pixel's window into a map over the feature grid, ready to draw over the
+image::
 
     from sasa_jax import attention_maps, models
 
@@ -67,8 +71,8 @@ def apply_with_attention(module, variables: Mapping[str, Any], *args,
   """``module.apply(variables, *args, **apply_kwargs)`` and its attention weights.
 
   Args:
-    module: a linen module containing ``LocalSelfAttention`` layers (or one itself), e.g.
-      ``models.create('sasa_tiny')``.
+    module: a linen module containing ``LocalSelfAttention`` or ``AttentionStem`` layers
+      (or one itself), e.g. ``models.create('sasa_tiny')``.
     variables: its variables (``params`` and, for models, ``batch_stats``). An
       ``intermediates`` collection in them is ignored, so that nothing is counted twice.
     *args: the module's inputs, e.g. ``images`` ``(B, H, W, C)``.
@@ -78,9 +82,10 @@ def apply_with_attention(module, variables: Mapping[str, Any], *args,
   Returns:
     ``(output, weights)``: the module's output (exactly what ``apply`` returns without
     ``mutable``) and ``{path: (B, H, W, N, kh, kw) float32}`` for every call of a
-    ``LocalSelfAttention``, keyed by module path (``'stage2_block1/attention'``; ``''`` for
-    the module itself; ``'path#k'`` for the ``k``-th call of a layer called more than
-    once), in call order. Works under ``jax.jit``.
+    ``LocalSelfAttention`` or ``AttentionStem``, keyed by module path
+    (``'stem_attention'``, ``'stage2_block1/attention'``; ``''`` for the module itself;
+    ``'path#k'`` for the ``k``-th call of a layer called more than once), in call order.
+    Works under ``jax.jit``.
   """
   variables = {name: tree for name, tree in variables.items() if name != COLLECTION}
   mutable = _with_intermediates(apply_kwargs.pop("mutable", False))
@@ -92,7 +97,7 @@ def apply_with_attention(module, variables: Mapping[str, Any], *args,
 
 def collect(module, variables: Mapping[str, Any], *args,
             **apply_kwargs) -> dict[str, jax.Array]:
-  """The attention weights of every SASA layer of ``module`` on the given inputs.
+  """The attention weights of every attention layer of ``module`` on the given inputs.
 
   ``{module path: (B, H, W, N, kh, kw)}``; see ``apply_with_attention`` for the
   arguments. Example: ``collect(model, variables, images, train=False)``.
@@ -113,7 +118,8 @@ def pixel_map(weights: jax.Array, i: int, j: int) -> jax.Array:
 
   Args:
     weights: ``(..., H, W, N, kh, kw)`` attention weights, e.g. one image's
-      ``(H, W, N, kh, kw)`` or a batch's ``(B, H, W, N, kh, kw)``, as collected.
+      ``(H, W, N, kh, kw)`` or a batch's ``(B, H, W, N, kh, kw)``, as collected (from an
+      ``AttentionStem``, the map is zero outside the pixel's block).
     i, j: the query pixel's row and column on the ``H x W`` grid (negative indices count
       from the end).
 
@@ -127,7 +133,7 @@ def pixel_map(weights: jax.Array, i: int, j: int) -> jax.Array:
   if weights.ndim < 5:
     raise ValueError(
         f"weights must have shape (..., H, W, N, kh, kw) (as collected from a "
-        f"LocalSelfAttention); got shape {weights.shape}.")
+        f"LocalSelfAttention or AttentionStem); got shape {weights.shape}.")
   height, width, _, kh, kw = weights.shape[-5:]
   i = _check_index("i", i, height)
   j = _check_index("j", j, width)

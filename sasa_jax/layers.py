@@ -223,7 +223,9 @@ class AttentionStem(nn.Module):
   with ``emb_row``, ``emb_col`` ``(block_size, mixture_features)`` and ``nu``
   ``(num_mixtures, mixture_features)`` learned; ``p`` is shared across heads. The module
   is the attention alone: the model follows it with BatchNorm, ReLU and
-  ``block_size x block_size`` max-pooling.
+  ``block_size x block_size`` max-pooling. With the ``intermediates`` collection mutable
+  it sows its ``attention_weights`` in ``LocalSelfAttention``'s window format (see
+  ``__call__``), for ``sasa_jax.attention_maps``.
 
   Computed without forming q, k or v, which would be ``features`` wide at the full input
   resolution for a ``C = 3`` input. Per head, with ``x~ = [x, 1]`` when ``use_bias`` (else
@@ -291,9 +293,33 @@ class AttentionStem(nn.Module):
     heads = kernels.reshape(self.num_mixtures * channels, self.num_heads, -1)
     return jax.scipy.linalg.block_diag(*(heads[:, n] for n in range(self.num_heads)))
 
+  def _windows(self, probs: jax.Array) -> jax.Array:
+    """Block attention ``(B, X, Y, N * P, P)`` -> ``(B, H, W, N, 2b - 1, 2b - 1)``.
+
+    The window of ``LocalSelfAttention``'s sown weights, centred on the query: entry
+    ``[.., i, j, n, a, c]`` is what head ``n`` of pixel ``(i, j)`` gives to pixel
+    ``(i + a - (b - 1), j + c - (b - 1))``, which is zero outside the query's block. A
+    ``2b - 1`` window is the smallest that holds the block of every query position.
+    """
+    b = self.block_size
+    probs = einops.rearrange(probs, "B x y (n p q) (r s) -> B x y n p q r s",
+                             n=self.num_heads, p=b, q=b, r=b, s=b)
+    # place[p, r, a] = 1 where key row r of the block is at window row a from query row p.
+    rows = jnp.arange(b)
+    place = (rows[None, :, None] - rows[:, None, None] + b - 1 ==
+             jnp.arange(2 * b - 1)[None, None, :]).astype(probs.dtype)
+    windows = jnp.einsum("Bxynpqrs,pra,qsc->Bxpyqnac", probs, place, place)
+    return einops.rearrange(windows, "B x p y q n a c -> B (x p) (y q) n a c")
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """``(B, H, W, C)`` -> ``(B, H, W, features)``; H and W multiples of ``block_size``."""
+    """``(B, H, W, C)`` -> ``(B, H, W, features)``; H and W multiples of ``block_size``.
+
+    With the ``intermediates`` collection mutable, also sows ``attention_weights``
+    ``(B, H, W, N, 2 * block_size - 1, 2 * block_size - 1)``: each pixel's attention in
+    the window format of ``LocalSelfAttention`` (centred on the pixel), non-zero only on
+    the pixel's own block (see ``_windows``).
+    """
     _check_input("AttentionStem", x)
     batch, height, width, channels = x.shape
     if height % self.block_size or width % self.block_size:
@@ -315,7 +341,10 @@ class AttentionStem(nn.Module):
     mapped = mapped.reshape(mapped.shape[:3] + (-1, mapped.shape[-1]))
     logits = jnp.einsum("bxyke,bxyje->bxykj", mapped, augmented,
                         preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "attention_weights", self._windows(probs))
+    probs = probs.astype(dtype)
 
     # (B, X, Y, P, m * C): key j's input weighted by each mixture p(j, m); attended per
     # (head, query) row, then all heads' value projections as one matmul.

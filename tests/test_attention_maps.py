@@ -93,12 +93,49 @@ def test_pixel_map_reproduces_the_layer_output():
                                out[:, i, j], rtol=1e-5, atol=1e-5)
 
 
+def stem_and_maps(shape=(2, 6, 9, 3), block_size=3):
+  stem = layers.AttentionStem(features=8, num_heads=2, block_size=block_size,
+                              num_mixtures=2)
+  x = images(shape)
+  variables = stem.init(jax.random.PRNGKey(1), x)
+  return stem, variables, x, attention_maps.collect(stem, variables, x)
+
+
+@pytest.mark.parametrize("i,j", [(0, 0), (4, 5), (5, 8), (2, 3), (3, 2)])
+def test_stem_maps_are_distributions_over_the_pixels_block(i, j):
+  _, _, _, maps = stem_and_maps()
+  assert list(maps) == [""] and maps[""].shape == (2, 6, 9, 2, 5, 5)
+  heat = np.asarray(attention_maps.pixel_map(maps[""], i, j))  # (B, H, W, N)
+  np.testing.assert_allclose(heat.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+  rows, cols = np.meshgrid(np.arange(6), np.arange(9), indexing="ij")
+  block = (rows // 3 == i // 3) & (cols // 3 == j // 3)
+  assert np.all(heat[:, ~block] == 0) and np.all(heat[:, block] > 0)
+
+
+def test_stem_maps_reproduce_the_stem_output():
+  """``out[i, j, n] = sum_ab map[a, b, n] v[a, b, n]`` with the paper's spatially-aware
+  values ``v_ab = sum_m p(a mod b, b mod b, m) W_V^m x_ab``: the maps are what the stem
+  uses."""
+  stem, variables, x, maps = stem_and_maps()
+  params = variables["params"]
+  position = params["emb_row"][:, None] + params["emb_col"][None]
+  mixture = jax.nn.softmax(position @ params["mixture_embedding"].T, axis=-1)  # (3, 3, m)
+  value = jnp.einsum("hwm,mcf,bhwc->bhwf", jnp.tile(mixture, (2, 3, 1)), params["value"], x)
+  value = value.reshape(2, 6, 9, 2, 4)  # (B, H, W, N, d)
+  out = stem.apply(variables, x).reshape(2, 6, 9, 2, 4)
+  for i, j in [(0, 0), (4, 5), (5, 8), (1, 7)]:
+    heat = attention_maps.pixel_map(maps[""], i, j)
+    np.testing.assert_allclose(jnp.einsum("bhwn,bhwnd->bnd", heat, value), out[:, i, j],
+                               rtol=1e-5, atol=1e-5)
+
+
 def attention_layer_paths(model, variables, x):
-  """Paths of every LocalSelfAttention call, found independently of the sown weights:
+  """Paths of every attention layer call, found independently of the sown weights:
   Flax's capture_intermediates records the outputs of the modules the filter accepts."""
   _, state = model.apply(
       variables, x, train=False,
-      capture_intermediates=lambda mdl, _: isinstance(mdl, layers.LocalSelfAttention),
+      capture_intermediates=lambda mdl, _: isinstance(
+          mdl, (layers.LocalSelfAttention, layers.AttentionStem)),
       mutable=["intermediates"])
   paths = {}
 
@@ -115,13 +152,13 @@ def attention_layer_paths(model, variables, x):
 
 @pytest.mark.parametrize("name,overrides,num_layers", [
     ("sasa_tiny", {}, 2),
-    # Attention stem (it sows nothing), two stages of two blocks: four SASA layers.
-    ("sasa_resnet26_cifar", dict(stage_sizes=(2, 2), width=4, num_heads=2, kernel_size=3),
-     4),
+    # The attention stem (2 heads, 4x4 blocks), two stages of two blocks: 1 + 4 layers.
+    ("sasa_resnet26_cifar", dict(stage_sizes=(2, 2), width=4, num_heads=2, kernel_size=3,
+                                 stem_heads=2), 5),
     ("sasa_tiny", dict(spatial=("conv", "attention")), 1),
     ("resnet_tiny", {}, 0),
 ])
-def test_model_collection_finds_every_sasa_layer(name, overrides, num_layers):
+def test_model_collection_finds_every_attention_layer(name, overrides, num_layers):
   model = models.create(name, **overrides)
   config = models.get_config(name)
   x = images((2, 8, 8, config.in_channels))
@@ -133,8 +170,12 @@ def test_model_collection_finds_every_sasa_layer(name, overrides, num_layers):
   for path, weights in maps.items():
     layer_out = paths[path]  # (B, H / stride, W / stride, F)
     batch, height, width, heads, kh, kw = weights.shape
-    assert (batch, heads, kh, kw) == (2, model.num_heads, model.kernel_size,
-                                      model.kernel_size)
+    if path == "stem_attention":  # Block attention in a window that holds any block.
+      window = 2 * model.stem_block_size - 1
+      assert (batch, heads, kh, kw) == (2, model.stem_heads, window, window)
+    else:
+      assert (batch, heads, kh, kw) == (2, model.num_heads, model.kernel_size,
+                                        model.kernel_size)
     # A strided layer (the first block of stages 2+) attends at its input resolution,
     # then pools.
     stride = 2 if path.endswith("block1/attention") and not path.startswith("stage1") else 1

@@ -44,18 +44,24 @@ def _paths(tree):
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _layers(model, shape, layer_type):
-  """The instances of ``layer_type`` that ``model`` calls on inputs of ``shape``."""
+def _calls(model, shape, select):
+  """``(module, input shape)`` of every ``__call__`` of a module that ``select`` accepts,
+  when ``model`` runs on inputs of ``shape``."""
   found = []
 
   def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, layer_type) and context.method_name == "__call__":
-      found.append(context.module)
+    if select(context.module) and context.method_name == "__call__":
+      found.append((context.module, args[0].shape))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
     _param_shapes(model, shape)
   return found
+
+
+def _layers(model, shape, layer_type):
+  """The instances of ``layer_type`` that ``model`` calls on inputs of ``shape``."""
+  return [module for module, _ in _calls(model, shape, lambda m: isinstance(m, layer_type))]
 
 
 def test_registry_names():
@@ -65,7 +71,8 @@ def test_registry_names():
       assert pattern.format(depth) in names
       assert pattern.format(depth) + "_cifar" in names
   assert {"sasa_tiny", "resnet_tiny"} <= set(names)
-  assert len(names) == len(set(names)) == 20
+  assert {"resnet_fmnist", "sasa_fmnist_conv_stem", "sasa_fmnist"} <= set(names)
+  assert len(names) == len(set(names)) == 23
 
 
 @pytest.mark.parametrize("name", models.list_models())
@@ -244,6 +251,42 @@ def test_describe_arguments():
   assert models.describe("resnet26", image_size=448)["flops"] > 3.9 * default["flops"]
   assert (models.describe("sasa_resnet26_conv_stem", kernel_size=9)["flops"] >
           models.describe("sasa_resnet26_conv_stem")["flops"])
+
+
+def test_fashion_mnist_models_share_one_shape():
+  """The three Fashion-MNIST models differ only in the spatial layers and the stem, which
+  both end 2x2-pooled at 14x14; every attention layer runs on a 14x14 map, so k = 9
+  windows fit."""
+  shape = (1, 28, 28, 1)
+  conv, conv_stem, full = (models.create(name) for name in
+                           ("resnet_fmnist", "sasa_fmnist_conv_stem", "sasa_fmnist"))
+  assert (conv.stem, conv_stem.stem, full.stem) == ("conv", "conv", "attention")
+  assert (full.stem_block_size, full.stem_pool) == (2, 2)
+  others = [{f: getattr(m, f) for f in models.OVERRIDES if f not in ("spatial", "stem")}
+            for m in (conv, conv_stem, full)]
+  assert others[0] == others[1] == others[2]
+  for model in (conv_stem, full):
+    attention = _calls(model, shape, lambda m: isinstance(m, LocalSelfAttention))
+    assert attention and all(s[1:3] == (14, 14) for _, s in attention)
+    stem = _calls(model, shape, lambda m: isinstance(m, AttentionStem))
+    assert [s for _, s in stem] == ([shape] if model is full else [])
+  counts = {name: models.describe(name) for name in
+            ("resnet_fmnist", "sasa_fmnist_conv_stem", "sasa_fmnist")}
+  # Attention has fewer parameters than the convolutions it replaces (Table 1's trend).
+  assert counts["sasa_fmnist"]["params"] < counts["resnet_fmnist"]["params"]
+  assert counts["sasa_fmnist_conv_stem"]["params"] < counts["resnet_fmnist"]["params"]
+
+
+def test_stem_pool_needs_small_inputs():
+  with pytest.raises(ValueError, match="stem_pool must be a positive int"):
+    models.create("resnet_fmnist", stem_pool=0)
+  with pytest.raises(ValueError, match="small-input stems only"):
+    models.create("resnet26", stem_pool=2)
+  # Pooling by 2 after a stride-1 3x3 conv stem halves the map.
+  for pool, size in ((1, 28), (2, 14)):
+    model = models.create("resnet_fmnist", stem_pool=pool)
+    (block,) = _calls(model, (1, 28, 28, 1), lambda m: m.name == "stage1_block1")
+    assert block[1] == (1, size, size, 16)
 
 
 def test_tiny_model_is_small():

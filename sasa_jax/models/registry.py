@@ -67,6 +67,15 @@ _VARIANTS = {
 # on two CPU cores: two stages (8x8, 4x4), width 16, 5x5 windows, 4 heads of depth 4/8.
 _TINY = dict(stage_sizes=(1, 1), width=16, small_inputs=True, kernel_size=5, num_heads=4)
 
+# Fashion-MNIST (28x28 grayscale): the stem (3x3 conv, or attention within 2x2 blocks)
+# ends with 2x2 max-pooling (28 -> 14); two stages, 14x14 then 7x7, width 16, 4 heads.
+# Every attention layer runs on a 14x14 map (stage 2's single block attends at its input
+# resolution, then pools), so windows up to k = 13 stay inside one map.
+_FMNIST = dict(stage_sizes=(2, 1), width=16, small_inputs=True, stem_pool=2,
+               stem_block_size=2, kernel_size=7, num_heads=4)
+_FMNIST_NAMES = {"resnet{}": "resnet_fmnist", "sasa_resnet{}_conv_stem": "sasa_fmnist_conv_stem",
+                 "sasa_resnet{}": "sasa_fmnist"}
+
 
 def _build_registry() -> dict[str, ModelConfig]:
   imagenet = {
@@ -83,7 +92,11 @@ def _build_registry() -> dict[str, ModelConfig]:
       "resnet_tiny": ModelConfig(dict(_TINY, spatial="conv"), 8, 1, 10),
       "sasa_tiny": ModelConfig(dict(_TINY, spatial="attention"), 8, 1, 10),
   }
-  return {**imagenet, **cifar, **tiny}
+  fmnist = {
+      name: ModelConfig(dict(_FMNIST, **_VARIANTS[pattern][0]), 28, 1, 10)
+      for pattern, name in _FMNIST_NAMES.items()
+  }
+  return {**imagenet, **cifar, **tiny, **fmnist}
 
 
 MODELS: Mapping[str, ModelConfig] = _build_registry()

@@ -3,7 +3,7 @@
 One module, ``ResNet``, covers every model of the paper's Table 1: the convolutional
 baseline, "conv-stem + attention" (every bottleneck 3x3 conv replaced by
 ``LocalSelfAttention``) and "full attention" (the stem too, ``AttentionStem``), plus
-small-input variants for CIFAR-sized images. Named configurations live in
+small-input variants for CIFAR- and Fashion-MNIST-sized images. Named configurations live in
 ``sasa_jax.models.registry``.
 """
 
@@ -89,6 +89,10 @@ class ResNet(nn.Module):
     * ``stem='attention'`` (paper §3.2): ``AttentionStem`` over
       ``stem_block_size``-square blocks, BatchNorm, ReLU, then max-pooling over the same
       blocks (``H / stem_block_size``); with ``small_inputs``, no pooling (``H``).
+    * with ``small_inputs`` and ``stem_pool > 1``, either stem ends with
+      ``stem_pool x stem_pool`` max-pooling, stride ``stem_pool`` (``H / stem_pool``):
+      the Fashion-MNIST models (28 -> 14). With the attention stem and ``stem_pool ==
+      stem_block_size`` each pooling window is one attention block, as in the paper.
 
   Attributes:
     stage_sizes: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
@@ -98,7 +102,10 @@ class ResNet(nn.Module):
       e.g. ``('conv', 'attention', 'attention', 'attention')``, the paper's "conv early,
       attention late" ablation.
     stem: one of ``STEMS``.
-    small_inputs: for CIFAR-sized images: a stem without downsampling.
+    small_inputs: for CIFAR-sized images: a stem without downsampling (but see
+      ``stem_pool``).
+    stem_pool: with ``small_inputs``, the max-pooling window and stride that end the
+      stem; 1: none.
     kernel_size, num_heads, positional, content, implementation: ``LocalSelfAttention``'s
       (paper: k = 7, 8 heads, relative positions, content term on).
     stem_heads, stem_block_size, stem_mixtures: ``AttentionStem``'s ``num_heads``,
@@ -113,6 +120,7 @@ class ResNet(nn.Module):
   spatial: str | Sequence[str] = "conv"
   stem: str = "conv"
   small_inputs: bool = False
+  stem_pool: int = 1
   kernel_size: int | tuple[int, int] | None = 7
   num_heads: int = 8
   positional: str = "relative"
@@ -132,6 +140,13 @@ class ResNet(nn.Module):
           f"{self.stage_sizes!r}.")
     if self.stem not in STEMS:
       raise ValueError(f"stem must be one of {list(STEMS)}; got {self.stem!r}.")
+    if (not isinstance(self.stem_pool, int) or isinstance(self.stem_pool, bool)
+        or self.stem_pool <= 0):
+      raise ValueError(f"stem_pool must be a positive int (1: no pooling); got "
+                       f"{self.stem_pool!r}.")
+    if self.stem_pool > 1 and not self.small_inputs:
+      raise ValueError(f"stem_pool={self.stem_pool} applies to the small-input stems "
+                       f"only: set small_inputs=True or stem_pool=1.")
     # Build the attention layers detached: their own checks (heads dividing the width,
     # odd kernel, known positional mode and implementation) run now, before any tracing.
     for stage, spatial in enumerate(self.stage_spatial_layers()):
@@ -177,7 +192,8 @@ class ResNet(nn.Module):
       x = conv(self.width, (7, 7), strides=2, padding=((3, 3), (3, 3)), name="stem_conv")(x)
     x = nn.relu(norm(name="stem_bn")(x))
     if self.small_inputs:
-      return x
+      pool = (self.stem_pool,) * 2
+      return nn.max_pool(x, pool, strides=pool) if self.stem_pool > 1 else x
     if self.stem == "attention":  # Pool over the very blocks the stem attended within.
       block = (self.stem_block_size,) * 2
       return nn.max_pool(x, block, strides=block)

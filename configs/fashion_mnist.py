@@ -1,0 +1,152 @@
+"""Fashion-MNIST (TFDS `fashion_mnist`): SASA ResNets for 28x28 grayscale and their baseline.
+
+    python train.py --config=configs/fashion_mnist.py                         # full attention
+    python train.py --config=configs/fashion_mnist.py:sasa_fmnist_conv_stem
+    python train.py --config=configs/fashion_mnist.py:resnet_fmnist           # conv baseline
+    python train.py --config=configs/fashion_mnist.py --config.data_dir=DIR   # offline
+
+The paper's recipe (appendix) scaled down to a small data set and a 2-core CPU: Nesterov
+momentum SGD, linear warm-up then cosine decay, label smoothing 0.1, weight decay not on
+BatchNorm/bias; pad-4 random crop + horizontal flip (clothes are left-right symmetric;
+the paper's inception crop would cut most of a 28x28 garment away).
+
+`sweep` (big_vision's convention: a function beside the config that calls `add(**config
+overrides)` once per run) lists the runs of the paper's §4 comparisons, `ABLATIONS`;
+`python -m experiments.ablations` trains them with a `BUDGETS` entry and writes a report.
+"""
+
+import dataclasses
+
+from configs import default
+
+MODELS = ("sasa_fmnist", "sasa_fmnist_conv_stem", "resnet_fmnist")
+NUM_TRAIN_EXAMPLES = 60_000
+
+
+def get_config(model: str = "sasa_fmnist"):
+  """Fashion-MNIST config; `model` is chosen with `--config=configs/fashion_mnist.py:<model>`."""
+  config = default.for_model(model, MODELS, "fashion_mnist.py")
+
+  config.dataset = "fashion_mnist"
+  config.train_split = "train"
+  config.eval_split = "test"
+  config.image_size = 28
+  config.augmentation = "cifar"  # Zero-pad 4, random 28x28 crop, random flip.
+  config.eval_preprocessing = "none"
+  config.normalization_mean = (0.2860,)  # Of the training split.
+  config.normalization_std = (0.3530,)
+
+  config.batch_size = 128
+  config.eval_batch_size = 1000
+  steps_per_epoch = NUM_TRAIN_EXAMPLES // config.batch_size
+  config.num_train_steps = 3 * steps_per_epoch
+
+  config.optimizer = "sgd"
+  config.nesterov = True
+  config.momentum = 0.9
+  config.learning_rate = 0.1
+  config.lr_schedule = "cosine"
+  config.warmup_steps = steps_per_epoch // 4
+  config.weight_decay = 5e-4
+  config.label_smoothing = 0.1
+
+  config.log_every_steps = 50
+  config.eval_every_steps = steps_per_epoch
+  config.checkpoint_every_steps = steps_per_epoch
+  return config
+
+
+# ---------------------------------------------------------------------------
+# The paper's §4 comparisons (ImageNet; ResNet-50 with the conv stem unless noted).
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One arm of an ablation: a label, its config overrides, the paper's top-1 (%)."""
+
+  label: str
+  overrides: dict
+  paper: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+  """A comparison of variants, each trained with seeds ``0 .. seeds - 1``."""
+
+  name: str
+  title: str
+  question: str
+  seeds: int
+  variants: tuple[Variant, ...]
+
+
+CONV = Variant("conv baseline", {"model": "resnet_fmnist"}, 76.9)
+CONV_STEM = Variant("conv stem + attention", {"model": "sasa_fmnist_conv_stem"}, 77.4)
+FULL = Variant("full attention", {"model": "sasa_fmnist"}, 77.6)
+
+
+def _conv_stem(label, paper, **model_overrides):
+  """The conv-stem SASA model with ``model_overrides`` (the paper's ablation base)."""
+  overrides = {f"model_overrides.{k}": v for k, v in model_overrides.items()}
+  return Variant(label, {"model": "sasa_fmnist_conv_stem", **overrides}, paper)
+
+
+ABLATIONS = (
+    Ablation("table1", "Convolution vs attention (Table 1, ResNet-50)",
+             "Does attention match convolution with fewer parameters and FLOPs?", 3,
+             (CONV, CONV_STEM, FULL)),
+    Ablation("kernel", "Spatial extent k (§4.2)",
+             "How does accuracy grow with the attention window?", 2,
+             (_conv_stem("k = 3", 76.4, kernel_size=3), _conv_stem("k = 5", 77.2, kernel_size=5),
+              _conv_stem("k = 7", 77.4), _conv_stem("k = 9", 77.7, kernel_size=9))),
+    Ablation("positional", "Positional encoding (§4.2; paper: held-out validation split)",
+             "Do relative positions beat absolute or none?", 3,
+             (_conv_stem("none", 77.6, positional="none"),
+              _conv_stem("absolute", 78.2, positional="absolute"),
+              _conv_stem("relative", 80.2))),
+    Ablation("content", "Content term (§4.2)",
+             "Does q.k add to the positional term q.r?", 2,
+             (_conv_stem("q.k + q.r", 77.4), _conv_stem("q.r only", 76.9, content=False))),
+    Ablation("stem", "Attention stem (§4.2, full attention)",
+             "Do spatially-aware values make an attention stem work?", 2,
+             (Variant("plain attention stem", {"model": "sasa_fmnist",
+                                               "model_overrides.stem_mixtures": 1}, 76.2),
+              Variant("spatially-aware values", FULL.overrides, 77.6),
+              Variant("conv stem", CONV_STEM.overrides, 77.4))),
+    Ablation("conv_early", "Conv early, attention late (§4.2; paper: validation split)",
+             "Is convolution better in the first stage and attention in the later ones?", 2,
+             (Variant("all conv", CONV.overrides, 79.5),
+              _conv_stem("conv stage 1, attention stage 2", 80.7,
+                         spatial=("conv", "attention")),
+              _conv_stem("all attention", 80.2))),
+)
+
+# Overrides given to every run of the sweep: the same recipe and budget for all variants.
+# `default`: measured to fit 2 hours on a 2-core CPU (experiments/README.md); `quick`: a
+# tiny smoke test of the whole pipeline (the tests run it). Scale up with more data and
+# epochs (`train_split='train'`), or CIFAR-10 on a GPU (README, Experiments).
+BUDGETS = {
+    "default": {
+        "train_split": "train[:20000]", "num_train_steps": 3 * 20_000 // 128,
+        "warmup_steps": 20_000 // 128 // 4, "eval_every_steps": 20_000 // 128,
+        "checkpoint_every_steps": 20_000 // 128,
+    },
+    "quick": {
+        "train_split": "train[:256]", "eval_split": "test[:200]", "batch_size": 32,
+        "eval_batch_size": 200, "num_train_steps": 4, "warmup_steps": 1,
+        "log_every_steps": 1, "eval_every_steps": 2, "checkpoint_every_steps": 2,
+        "model_overrides.width": 8, "model_overrides.stage_sizes": (1, 1),
+    },
+}
+# The quick budget trains at most this many seeds per variant.
+MAX_SEEDS = {"default": None, "quick": 2}
+
+
+def sweep(add, ablations=ABLATIONS, max_seeds=None):
+  """Calls ``add(**overrides)`` once per run: every variant of ``ablations``, with seeds
+  ``0 .. seeds - 1`` (at most ``max_seeds``). A variant shared by several ablations is
+  added once per ablation; the runner trains it once."""
+  for ablation in ablations:
+    for variant in ablation.variants:
+      for seed in range(min(ablation.seeds, max_seeds or ablation.seeds)):
+        add(**variant.overrides, seed=seed)
