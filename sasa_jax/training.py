@@ -28,10 +28,12 @@ from flax.training import train_state
 
 from sasa_jax import checkpointing
 from sasa_jax import config_validation
+from sasa_jax import datasets
 from sasa_jax import input_pipeline
 from sasa_jax import models
 from sasa_jax import optimizers
 from sasa_jax import parallel
+from sasa_jax import preprocessing
 from sasa_jax import summary_writer
 from sasa_jax.errors import (ConfigError, NonFiniteLossError, TrainingInterrupted,
                              WorkdirError)
@@ -106,7 +108,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, key: jax.Ar
                mean: Sequence[float], std: Sequence[float]
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on a global batch; returns the new state and device metrics."""
-  images = input_pipeline.normalize_images(batch["image"], mean, std)
+  images = preprocessing.normalize_images(batch["image"], mean, std)
   labels = batch["label"]
   step_key = jax.random.fold_in(key, state.step)
 
@@ -148,7 +150,7 @@ def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
               apply_fn, num_classes: int, mean: Sequence[float],
               std: Sequence[float]) -> dict[str, jax.Array]:
   """Sums over the (masked) global batch: loss, top-1 (and top-5) hits, count."""
-  images = input_pipeline.normalize_images(batch["image"], mean, std)
+  images = preprocessing.normalize_images(batch["image"], mean, std)
   labels, mask = batch["label"], batch["mask"]
   logits = apply_fn(variables, images, train=False).astype(jnp.float32)
   loss = cross_entropy_loss(logits, labels, num_classes)
@@ -187,7 +189,7 @@ class Experiment:
     self.mesh = parallel.create_mesh()
     config_validation.check_batch_sizes(config, jax.device_count(),
                                         jax.process_count())
-    self.info = input_pipeline.get_dataset_info(config)
+    self.info = datasets.get_dataset_info(config)
     config_validation.check_channels(config, self.info.num_channels)
     self.model = create_model(config, self.info.num_classes)
     self.image_shape = (config.image_size, config.image_size, self.info.num_channels)
@@ -323,8 +325,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           config_validation.config_to_dict(config), indent=2) + "\n```")
     p_train_step = setup.jitted_train_step()
     p_eval_step = setup.jitted_eval_step()
-    train_source = input_pipeline.create_source(config, config.train_split)
-    eval_source = input_pipeline.create_source(config, config.eval_split)
+    train_source = datasets.create_source(config, config.train_split)
+    eval_source = datasets.create_source(config, config.eval_split)
 
     num_steps = config.num_train_steps
     logging.info("Training %s on %s: steps %d -> %d, global batch %d over %d "
@@ -447,7 +449,7 @@ def evaluate(config, workdir: str, checkpoint_step: int | None = None
       state = checkpointer.restore_state(step, abstract_state)
   finally:
     checkpointer.close()
-  eval_source = input_pipeline.create_source(config, config.eval_split)
+  eval_source = datasets.create_source(config, config.eval_split)
   results = setup.evaluate(state, eval_source, setup.jitted_eval_step())
   main = results.get("ema", results["params"])
   report = {"step": int(step), **main,
