@@ -199,14 +199,25 @@ def _download_and_prepare(name: str, builder, manual_dir: str | None) -> None:
       builder.download_and_prepare(file_format=FILE_FORMAT, download_dir=download_dir,
                                    download_config=config)
   except ImportError as e:
-    hint = ("pip install -e \".[data]\"" if (e.name or "").startswith("tensorflow")
+    module = _missing_module(e)
+    hint = ("pip install -e \".[data]\"" if module.startswith("tensorflow")
             else "install the package that provides it")
     raise MissingDependencyError(
-        f"Preparing dataset {name!r} needs the Python module {e.name!r}, which is "
-        f"not installed ({e}): {hint}.") from e
+        f"Preparing dataset {name!r} needs the Python module {module!r}, which is "
+        f"not installed: {hint}.") from e
   except Exception as e:  # pylint: disable=broad-except
     raise _not_prepared(name, builder, f" and could not be downloaded and prepared "
                         f"({_describe(e)})") from e
+
+
+def _missing_module(error: ImportError) -> str:
+  """The module that failed to import (TFDS re-raises it, unnamed, around encoding)."""
+  cause: BaseException | None = error
+  while cause is not None:
+    if isinstance(cause, ImportError) and cause.name:
+      return cause.name
+    cause = cause.__cause__ or cause.__context__
+  return str(error)
 
 
 def _describe(error: BaseException, head: int = 200, tail: int = 300) -> str:
