@@ -30,7 +30,7 @@ def test_train_resume_evaluate_from_the_command_line(tmp_path, jax_compilation_c
   assert f"workdir: {workdir}" in out
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
   assert (workdir / "config.json").exists()
-  assert "train/loss=" in out and "eval/accuracy=" in out
+  assert "train/loss=" in out and "] eval weights: loss" in out
 
   # The same command with a longer run resumes at the saved step.
   out = _ok(run_train_py(*TINY, "--config.num_train_steps=4", cwd=tmp_path,
