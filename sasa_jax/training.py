@@ -341,10 +341,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     checkpointer = stack.enter_context(experiment.checkpointer())
     state, start_step = restore_or_initialize(experiment, checkpointer)
     checkpointing.save_config(workdir, config)
-    logging.info("Training %s on %s: %s; steps %d -> %d; global batch %d over %d "
-                 "device(s) in %d process(es).", config.model, config.dataset,
-                 plan.describe(), start_step, plan.num_train_steps, config.batch_size,
-                 jax.device_count(), jax.process_count())
+    logging.info("Training %s on %s, steps %d -> %d, global batch %d over %d device(s) "
+                 "in %d process(es).", config.model, config.dataset, start_step,
+                 plan.num_train_steps, config.batch_size, jax.device_count(),
+                 jax.process_count())
+    logging.info("Run plan: %s.", plan.describe())
     writer = stack.enter_context(experiment.metric_writer(start_step))
     if start_step == 0:
       writer.write_text(0, "config", "```\n" + json.dumps(
@@ -388,10 +389,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         raise TrainingInterrupted(
             f"Stopped by SIGTERM after step {step}, saved a checkpoint in "
             f"{checkpointer.directory}. Re-run the same command to resume.")
-    if start_step >= plan.num_train_steps:
+    if start_step >= plan.num_train_steps:  # Its evaluation was logged by that run.
       logging.info("Already trained to step %d (num_train_steps=%d); evaluating.",
                    start_step, plan.num_train_steps)
-      last_eval = run_evaluation(start_step, state)
+      last_eval = experiment.evaluate(state, eval_source, eval_step_fn)
+      console.write(_eval_line(start_step, last_eval))
   final_step = max(start_step, plan.num_train_steps)
   if parallel.is_main_process():
     print(f"Trained {config.model} to step {final_step}; workdir: "
@@ -558,8 +560,11 @@ def _check_data_position(position: Mapping[str, Any] | None, step: int,
 
 
 def _train_line(step: int, plan: run_plan.RunPlan, scalars: Mapping[str, float]) -> str:
-  values = "  ".join(f"{k}={_format(v)}" for k, v in scalars.items())
-  return (f"[step {step}/{plan.num_train_steps}, epoch {plan.epochs(step):.2f}] "
+  """``[step 50/606, epoch 2.23] train loss=1.524 accuracy=0.5441 ...`` (fits 120
+  columns): the ``train/`` scalars without their prefix, steps/s left to the bar."""
+  values = " ".join(f"{k.removeprefix('train/')}={_format(v)}" for k, v in scalars.items()
+                    if k != "train/steps_per_second")
+  return (f"[step {step}/{plan.num_train_steps}, epoch {plan.epochs(step):.2f}] train "
           f"{values}")
 
 
