@@ -129,3 +129,25 @@ def test_console_in_a_terminal(tmp_path, jax_compilation_cache):
   again = _run_in_terminal(args, tmp_path, jax_compilation_cache)
   assert "Already trained to step 6" in again
   assert os.listdir(tmp_path / "run" / "tensorboard") == events
+
+
+SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_TFDS / "fashion_mnist").is_dir(),
+                    reason="../shared/data/tfds (real Fashion-MNIST) is not beside the repo")
+def test_a_real_tfds_dataset_through_command_line_overrides(tmp_path, jax_compilation_cache):
+  """``--config.data_dir`` (a None-default key) and the other data keys from the command
+  line, on the real Fashion-MNIST as TFDS prepared it, then evaluated."""
+  workdir = tmp_path / "run"
+  out = _ok(run_train_py(
+      *TINY, "--config.dataset=fashion_mnist", "--config.data_dir=../shared/data/tfds",
+      "--config.image_size=28", "--config.train_split=train[:64]",
+      "--config.eval_split=test[:240]", "--config.num_train_steps=2",
+      "--config.data_download=false", f"--workdir={workdir}", cwd=REPO,
+      cache_dir=jax_compilation_cache))
+  assert "Training sasa_tiny on fashion_mnist" in out
+  assert "on 240 examples" in out
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["data_dir"] == "../shared/data/tfds" and saved["image_size"] == 28
