@@ -28,12 +28,13 @@ TINY_TFDS_SPLITS = {"train": (0, 96), "test": (96, 136)}
 MANUAL_FILE = "sasa_test_manual.npz"  # What sasa_test_manual reads from its manual dir.
 
 
-def tiny_config(**overrides):
-  """configs/default.py shrunk to a few steps of a narrower ``sasa_tiny``."""
+def tiny_config(model_overrides=None, **overrides):
+  """configs/default.py shrunk to a few steps of a narrower ``sasa_tiny``;
+  ``model_overrides`` (a dict) updates ``config.model_overrides``."""
   from configs import default  # pylint: disable=g-import-not-at-top
 
   config = default.get_config()
-  config.model_overrides = {"width": 8}
+  config.model_overrides.update({"width": 8, **(model_overrides or {})})
   config.update(batch_size=16, eval_batch_size=120, num_train_steps=4,
                 warmup_steps=1, log_every_steps=2, eval_every_steps=4,
                 checkpoint_every_steps=2)

@@ -205,14 +205,9 @@ def test_offline_train_py_fails_fast_with_how_to_prepare(tmp_path, offline):
   """The README's CIFAR-10 command on a machine that reaches no dataset host."""
   data_dir = tmp_path / "tfds"
   data_dir.mkdir()
-  config_file = tmp_path / "cifar10_here.py"
-  config_file.write_text(
-      "from configs import cifar10\n\n\ndef get_config():\n"
-      "  config = cifar10.get_config()\n"
-      f"  config.data_dir = {str(data_dir)!r}\n  return config\n")
   start = time.monotonic()
-  result = run_train_py(f"--config={config_file}", f"--workdir={tmp_path / 'run'}",
-                        timeout=120)
+  result = run_train_py("--config=configs/cifar10.py", f"--config.data_dir={data_dir}",
+                        f"--workdir={tmp_path / 'run'}", timeout=120)
   elapsed = time.monotonic() - start
   assert result.returncode == 1, result.stderr[-3000:]
   assert "www.cs.toronto.edu does not answer" in result.stderr

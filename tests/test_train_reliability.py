@@ -95,7 +95,7 @@ def test_checkpoints_of_another_model_are_refused_before_any_step(six_steps, tmp
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
-  config = tiny_config(learning_rate=1e36, warmup_steps=0, num_train_steps=6,
+  config = tiny_config(base_learning_rate=1e36, warmup_steps=0, num_train_steps=6,
                        checkpoint_every_steps=1, log_every_steps=6)
   with pytest.raises(NonFiniteLossError, match=r"at step 2 .*no checkpoint"):
     training.train_and_evaluate(config, str(tmp_path / "run"))
