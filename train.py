@@ -3,7 +3,7 @@ r"""Trains or evaluates a SASA model: the command-line entry point.
     python train.py                                   # default config, default workdir
     python train.py --config=configs/cifar10.py --workdir=/tmp/cifar
     python train.py --config=configs/imagenet.py:sasa_resnet26 --workdir=... \
-        --config.batch_size=1024 --config.learning_rate=0.4
+        --config.batch_size=1024
     python train.py --workdir=/tmp/cifar --mode=evaluate [--checkpoint_step=N]
 
 Re-running a command on a workdir that holds checkpoints resumes it. Every
@@ -12,6 +12,7 @@ below only say what to do and where.
 """
 
 import os
+import re
 import sys
 
 from absl import app
@@ -24,10 +25,28 @@ _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
 if _HERE not in sys.path:  # Configs import each other as `from configs import ...`.
   sys.path.insert(0, _HERE)
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG,
-    "Config file: `configs/<name>.py` or `configs/<name>.py:<arg>`; override keys "
-    "with --config.<key>=<value>.", lock_config=False, accept_new_attributes=True)
+
+
+def _exit_on_unknown_key(error: AttributeError | KeyError) -> None:
+  """A config key that does not exist surfaces from ml_collections as an AttributeError
+  or KeyError naming it, with a suggestion: one ``train.py: error:`` line."""
+  text = str(error.args[0] if error.args else error)
+  suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  if suggestion:
+    sys.exit(f"train.py: error: unknown config key {suggestion[2]!r} (did you mean "
+             f"{suggestion[1]!r}?)")
+  key = re.search(r"[\w.]+", text)
+  sys.exit(f"train.py: error: unknown config key {key[0] if key else text!r}; "
+           f"configs/default.py lists every key.")
+
+
+try:  # The default config file is loaded (and overridden) here already.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG,
+      "Config file: `configs/<name>.py` or `configs/<name>.py:<arg>`; override keys "
+      "with --config.<key>=<value>.")
+except (AttributeError, KeyError) as e:
+  _exit_on_unknown_key(e)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Directory for checkpoints, config.json, TensorBoard logs and evaluation.json. "
@@ -59,6 +78,16 @@ class _LibraryInfoFilter:
   def filter(self, record) -> bool:
     return (record.levelno >= logging.converter.STANDARD_WARNING
             or not any(p in record.pathname for p in self._PATHS))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every mistake reported as one ``train.py: error:`` line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"train.py: error: {e}")
+  except (AttributeError, KeyError) as e:
+    _exit_on_unknown_key(e)
 
 
 def main(argv):
@@ -93,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -58,7 +58,8 @@ def prepare(name: str, size: int, batch: int, implementation: str | None = None,
       apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"],
       tx=optax.sgd(0.1, momentum=0.9, nesterov=True), ema=None)]
   step = functools.partial(training.train_step, key=key_init, num_classes=config.num_classes,
-                           label_smoothing=0.0, ema_decay=0.0, mean=(0.5,), std=(0.5,))
+                           label_smoothing=0.0, ema_decay=0.0, ema_warmup=False,
+                           mean=(0.5,), std=(0.5,))
   start = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0,)).lower(state[0], batch_data).compile()
   compile_s = time.perf_counter() - start

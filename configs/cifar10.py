@@ -4,16 +4,16 @@
     python train.py --config=configs/cifar10.py:resnet26_cifar     # conv baseline
     python train.py --config=configs/cifar10.py:sasa_resnet26_conv_stem_cifar
 
-The paper reports no CIFAR results; this is the common CIFAR ResNet recipe
-(SGD + Nesterov 0.9, LR 0.1 at batch 128, 5 warm-up epochs then cosine, weight decay
-5e-4 off BN/bias, pad-4 random crop + flip), 200 epochs. The models are the
-small-input variants of the ImageNet ones (a 3x3, stride-1 stem and no stem pooling).
+The paper reports no CIFAR results; this is the common CIFAR ResNet recipe: SGD +
+Nesterov 0.9, LR 0.1 at batch 128 (0.2 per 256 images, scaled linearly with the batch),
+5 warm-up epochs then cosine, weight decay 5e-4 off BN/bias, pad-4 random crop + flip,
+200 epochs. The models are the small-input variants of the ImageNet ones (a 3x3,
+stride-1 stem and no stem pooling).
 """
 
 from configs import default
 
 MODELS = ("sasa_resnet26_cifar", "sasa_resnet26_conv_stem_cifar", "resnet26_cifar")
-NUM_TRAIN_EXAMPLES = 50_000
 
 
 def get_config(model: str = "sasa_resnet26_cifar"):
@@ -33,16 +33,15 @@ def get_config(model: str = "sasa_resnet26_cifar"):
 
   config.batch_size = 128
   config.eval_batch_size = 1000
-  steps_per_epoch = NUM_TRAIN_EXAMPLES // config.batch_size
-  config.num_train_steps = 200 * steps_per_epoch
+  config.num_epochs = 200.0
 
   config.optimizer = "sgd"
-  config.learning_rate = 0.1
-  config.warmup_steps = 5 * steps_per_epoch
+  config.base_learning_rate = 0.2  # Per 256 images: 0.1 at batch 128.
+  config.warmup_epochs = 5.0
   config.weight_decay = 5e-4
   config.label_smoothing = 0.0
 
   config.log_every_steps = 100
-  config.eval_every_steps = 10 * steps_per_epoch
-  config.checkpoint_every_steps = 5 * steps_per_epoch
+  config.eval_every_epochs = 10.0
+  config.checkpoint_every_epochs = 5.0
   return config

@@ -9,7 +9,9 @@ with <model> one of MODELS below (default `sasa_resnet50`, "full attention"):
 From the paper (appendix): 130 epochs, Nesterov momentum SGD, batch 4096,
 learning rate 1.6 with 10 epochs of linear warm-up then cosine decay, an exponential
 moving average of the weights with decay 0.9999, BatchNorm over the global batch
-(what data-parallel `jax.jit` computes).
+(what data-parallel `jax.jit` computes). The run length is in epochs and the learning
+rate scales linearly with the batch (0.1 per 256 images), so e.g.
+`--config.batch_size=1024` keeps the recipe: 130 epochs, 10 of warm-up, peak LR 0.4.
 
 NOT STATED in the paper; the common ResNet values (marked `# Unstated` below):
 label smoothing 0.1, weight decay 1e-4 not on BatchNorm/bias, momentum 0.9,
@@ -23,7 +25,6 @@ MODELS = (
     "sasa_resnet26_conv_stem", "sasa_resnet38_conv_stem", "sasa_resnet50_conv_stem",
     "sasa_resnet26", "sasa_resnet38", "sasa_resnet50",
 )
-NUM_TRAIN_EXAMPLES = 1_281_167
 
 
 def get_config(model: str = "sasa_resnet50"):
@@ -45,21 +46,20 @@ def get_config(model: str = "sasa_resnet50"):
 
   config.batch_size = 4096  # Paper.
   config.eval_batch_size = 4096
-  steps_per_epoch = NUM_TRAIN_EXAMPLES // config.batch_size  # 312.
-  config.num_train_steps = 130 * steps_per_epoch  # Paper: 130 epochs.
+  config.num_epochs = 130.0  # Paper: 130 epochs (40,662 steps at batch 4096).
 
   config.optimizer = "sgd"  # Paper: Nesterov momentum SGD.
   config.nesterov = True  # Paper.
   config.momentum = 0.9  # Unstated.
-  config.learning_rate = 1.6  # Paper (batch 4096).
+  config.base_learning_rate = 0.1  # Paper: 1.6 at batch 4096, i.e. 0.1 per 256 images.
   config.lr_schedule = "cosine"  # Paper.
-  config.warmup_steps = 10 * steps_per_epoch  # Paper: 10 epochs.
+  config.warmup_epochs = 10.0  # Paper.
   config.weight_decay = 1e-4  # Unstated; not on BatchNorm/bias.
   config.label_smoothing = 0.1  # Unstated.
-  config.ema_decay = 0.9999  # Paper.
+  config.ema_decay = 0.9999  # Paper; constant (ema_warmup=False), as stated.
 
   config.log_every_steps = 100
-  config.eval_every_steps = 10 * steps_per_epoch
-  config.checkpoint_every_steps = 2 * steps_per_epoch
+  config.eval_every_epochs = 10.0
+  config.checkpoint_every_epochs = 2.0
   config.max_to_keep = 3
   return config

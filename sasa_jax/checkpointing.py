@@ -104,9 +104,14 @@ def check_config_matches(workdir: str, config) -> None:
 
 
 class Checkpointer:
-  """An Orbax ``CheckpointManager`` for the train state and the data position."""
+  """An Orbax ``CheckpointManager`` for the train state and the data position.
+
+  ``should_save(step)`` is Orbax's decision: every ``save_interval_steps``, and at a
+  preemption sync point of a multi-process run (``reached_preemption``).
+  """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3,
+               save_interval_steps: int | None = None,
                async_checkpointing: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self.workdir = workdir
@@ -117,6 +122,7 @@ class Checkpointer:
         create=not read_only,
         # Leftovers of a save that was killed half-way.
         cleanup_tmp_directories=not read_only,
+        save_decision_policy=_save_decision_policy(save_interval_steps),
     )
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -128,6 +134,14 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether all processes of a ``jax.distributed`` run reached the preemption
+    sync point at ``step`` (a SIGTERM arrived); always False in a single process."""
+    return self._manager.reached_preemption(step)
 
   def save(self, step: int, state: Any, data_position: dict[str, Any]) -> None:
     """Saves (asynchronously when enabled) ``state`` and the data position."""
@@ -230,6 +244,20 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _save_decision_policy(interval: int | None):
+  """Every ``interval`` steps (None: never by itself), and on preemption."""
+  policies = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+  if interval is not None:
+    policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(interval))
+  return ocp.checkpoint_managers.AnySavePolicy(policies)
 
 
 def _key_name(key) -> str:

@@ -13,20 +13,22 @@ from typing import Any
 import jax
 import optax
 
+from sasa_jax.run_plan import RunPlan
 
-def create_learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warm-up from 0 to ``learning_rate`` over ``warmup_steps``, then
-  cosine decay to 0 at ``num_train_steps`` (or constant)."""
-  warmup = optax.linear_schedule(0.0, config.learning_rate,
-                                 max(config.warmup_steps, 1))
+
+def create_learning_rate_schedule(config, plan: RunPlan) -> optax.Schedule:
+  """Linear warm-up from 0 to the peak ``plan.learning_rate`` over
+  ``plan.warmup_steps``, then cosine decay to 0 at ``plan.num_train_steps``
+  (``config.lr_schedule='cosine'``) or constant."""
+  peak, warmup_steps = plan.learning_rate, plan.warmup_steps
   if config.lr_schedule == "cosine":
-    decay_steps = max(config.num_train_steps - config.warmup_steps, 1)
-    after = optax.cosine_decay_schedule(config.learning_rate, decay_steps)
+    after = optax.cosine_decay_schedule(peak, max(plan.num_train_steps - warmup_steps, 1))
   else:
-    after = optax.constant_schedule(config.learning_rate)
-  if config.warmup_steps == 0:
+    after = optax.constant_schedule(peak)
+  if warmup_steps == 0:
     return after
-  return optax.join_schedules([warmup, after], [config.warmup_steps])
+  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+  return optax.join_schedules([warmup, after], [warmup_steps])
 
 
 def weight_decay_mask(params: Any) -> Any:

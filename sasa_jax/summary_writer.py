@@ -1,6 +1,9 @@
-"""One writer for metrics: TensorBoard event files (tensorboardX) and the console.
+"""TensorBoard event files (tensorboardX, no TensorFlow needed) for a run's metrics.
 
-Only process 0 writes; other processes get a writer that does nothing.
+Only process 0 writes; other processes get a writer that does nothing. The event file
+is created at the first write, so a resumed run with nothing left to log adds no empty
+file; a resumed run purges the events after its start step that the interrupted run
+had logged past its last checkpoint (TensorBoard's ``purge_step``).
 """
 
 from __future__ import annotations
@@ -8,43 +11,43 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from absl import logging
-
 
 class MetricWriter:
-  """Writes scalar summaries, with their step, to TensorBoard and the log."""
+  """Writes scalar and text summaries, with their step, to ``logdir``."""
 
-  def __init__(self, logdir: str, enabled: bool = True):
-    self._writer = None
+  def __init__(self, logdir: str, *, start_step: int = 0, enabled: bool = True):
     self.logdir = logdir
-    if enabled:
+    self._start_step = start_step
+    self._enabled = enabled
+    self._writer = None
+
+  def _summary_writer(self):
+    if self._writer is None:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-      os.makedirs(logdir, exist_ok=True)
-      self._writer = SummaryWriter(logdir=logdir)
+      os.makedirs(self.logdir, exist_ok=True)
+      self._writer = SummaryWriter(
+          logdir=self.logdir, purge_step=self._start_step + 1 if self._start_step else None)
+    return self._writer
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    if self._writer is None:
+    if not self._enabled:
       return
+    writer = self._summary_writer()
     for key, value in scalars.items():
-      self._writer.add_scalar(key, float(value), global_step=step)
-    logging.info("[%d] %s", step, ", ".join(
-        f"{k}={_fmt(v)}" for k, v in sorted(scalars.items())))
+      writer.add_scalar(key, float(value), global_step=step)
 
   def write_text(self, step: int, tag: str, text: str) -> None:
-    if self._writer is not None:
-      self._writer.add_text(tag, text, global_step=step)
-
-  def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
+    if self._enabled:
+      self._summary_writer().add_text(tag, text, global_step=step)
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
       self._writer = None
 
+  def __enter__(self) -> "MetricWriter":
+    return self
 
-def _fmt(value: float) -> str:
-  value = float(value)
-  return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.1f}"
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -5,18 +5,17 @@ Data parallel over every device of every host with ``jax.jit`` on a 1-D mesh
 (:mod:`sasa_jax.parallel`): the state is replicated, batches are sharded, and the
 compiler adds the all-reduces, so BatchNorm statistics are over the global batch.
 The step functions are pure; per-step randomness is ``fold_in(key(seed), step)``.
-Metrics stay on device until they are logged.
+What the loop reports (console, TensorBoard) goes through :mod:`sasa_jax.reporting`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import os
 import signal
 import threading
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -28,13 +27,16 @@ from flax.training import train_state
 
 from sasa_jax import checkpointing
 from sasa_jax import config_validation
+from sasa_jax import datasets
 from sasa_jax import input_pipeline
 from sasa_jax import models
 from sasa_jax import optimizers
 from sasa_jax import parallel
+from sasa_jax import preprocessing
+from sasa_jax import reporting
+from sasa_jax import run_plan
 from sasa_jax import summary_writer
-from sasa_jax.errors import (ConfigError, NonFiniteLossError, TrainingInterrupted,
-                             WorkdirError)
+from sasa_jax.errors import ConfigError, TrainingInterrupted, WorkdirError
 
 # ``config.compute_dtype`` -> the model's computation dtype (parameters stay float32).
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -53,17 +55,18 @@ class TrainState(train_state.TrainState):
 
 
 def create_model(config, num_classes: int):
-  """``models.create(config.model, num_classes, **config.model_overrides)``."""
+  """``models.create(config.model, num_classes, **overrides)`` with the overrides in
+  ``config.model_overrides`` that are set (not None)."""
   # Lists (from a config loaded back from JSON) -> tuples: module fields are hashed.
   overrides = {k: tuple(v) if isinstance(v, list) else v
-               for k, v in dict(config.model_overrides).items()}
+               for k, v in config.model_overrides.items() if v is not None}
   if config.compute_dtype != "float32":
     overrides.setdefault("dtype", COMPUTE_DTYPES[config.compute_dtype])
   try:
     return models.create(config.model, num_classes, **overrides)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config.model={config.model!r} / config.model_overrides="
-                      f"{dict(config.model_overrides)!r}: {e}") from e
+                      f"{overrides!r}: {e}") from e
 
 
 def initialized(key: jax.Array, model, image_shape: Sequence[int]) -> dict[str, Any]:
@@ -94,19 +97,23 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
-  """``min(decay, (1 + step) / (10 + step))``: the usual EMA warm-up, so that the
-  average does not start from (and stay near) the random initialisation."""
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+  """The EMA decay at ``step``: ``decay`` (the paper's constant 0.9999), or with
+  ``warmup`` ``min(decay, (1 + step) / (10 + step))`` (TensorFlow's ``num_updates``
+  rule, which keeps the average from staying near the random initialisation in short
+  runs, but only reaches 0.9999 after ~90,000 steps)."""
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
   step = step.astype(jnp.float32)
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, key: jax.Array,
                num_classes: int, label_smoothing: float, ema_decay: float,
-               mean: Sequence[float], std: Sequence[float]
+               ema_warmup: bool, mean: Sequence[float], std: Sequence[float]
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on a global batch; returns the new state and device metrics."""
-  images = input_pipeline.normalize_images(batch["image"], mean, std)
+  images = preprocessing.normalize_images(batch["image"], mean, std)
   labels = batch["label"]
   step_key = jax.random.fold_in(key, state.step)
 
@@ -122,7 +129,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, key: jax.Ar
   new_state = state.apply_gradients(
       grads=grads, batch_stats=new_model_state.get("batch_stats", state.batch_stats))
   if state.ema is not None:
-    d = ema_decay_at(state.step, ema_decay)
+    d = ema_decay_at(state.step, ema_decay, ema_warmup)
     new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema,
                            {"params": new_state.params,
                             "batch_stats": new_state.batch_stats})
@@ -148,7 +155,7 @@ def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
               apply_fn, num_classes: int, mean: Sequence[float],
               std: Sequence[float]) -> dict[str, jax.Array]:
   """Sums over the (masked) global batch: loss, top-1 (and top-5) hits, count."""
-  images = input_pipeline.normalize_images(batch["image"], mean, std)
+  images = preprocessing.normalize_images(batch["image"], mean, std)
   labels, mask = batch["label"], batch["mask"]
   logits = apply_fn(variables, images, train=False).astype(jnp.float32)
   loss = cross_entropy_loss(logits, labels, num_classes)
@@ -172,11 +179,14 @@ class Experiment:
 
   ``train_and_evaluate`` and ``evaluate`` are made of its pieces; a notebook can use them
   one at a time: ``initial_state()`` / ``abstract_state()`` (the structure to restore a
-  checkpoint onto), ``jitted_train_step()``, ``jitted_eval_step()``, ``evaluate(...)``.
-  Attributes: ``config``, ``workdir``, ``mesh``, ``info`` (the dataset's
-  ``DatasetInfo``), ``model``, ``image_shape`` ``(H, W, C)``, ``schedule``, ``tx``, the
-  ``replicated`` and ``data_sharding`` shardings, and the ``init_key`` / ``step_key``
-  folded from ``config.seed``.
+  checkpoint onto), ``jitted_train_step()``, ``jitted_eval_step()``, ``evaluate(...)``,
+  ``source(split)``, ``train_batches(start_step)``, ``checkpointer()``,
+  ``metric_writer(start_step)``. Attributes: ``config``, ``workdir``, ``mesh``, ``info``
+  (the dataset's ``DatasetInfo``), ``plan`` (the :class:`~sasa_jax.run_plan.RunPlan`:
+  steps, intervals and peak learning rate derived from the config), ``model``,
+  ``image_shape`` ``(H, W, C)``, ``schedule``, ``tx``, the ``replicated`` and
+  ``data_sharding`` shardings, and the ``init_key`` / ``step_key`` folded from
+  ``config.seed``.
   """
 
   def __init__(self, config, workdir: str):
@@ -187,11 +197,12 @@ class Experiment:
     self.mesh = parallel.create_mesh()
     config_validation.check_batch_sizes(config, jax.device_count(),
                                         jax.process_count())
-    self.info = input_pipeline.get_dataset_info(config)
+    self.info = datasets.get_dataset_info(config)
     config_validation.check_channels(config, self.info.num_channels)
     self.model = create_model(config, self.info.num_classes)
     self.image_shape = (config.image_size, config.image_size, self.info.num_channels)
-    self.schedule = optimizers.create_learning_rate_schedule(config)
+    self.plan = run_plan.create_run_plan(config, self.info.num_train_examples)
+    self.schedule = optimizers.create_learning_rate_schedule(config, self.plan)
     self.tx = optimizers.create_optimizer(config, self.schedule)
     self.replicated = parallel.replicated(self.mesh)
     self.data_sharding = parallel.data_sharded(self.mesh)
@@ -217,7 +228,8 @@ class Experiment:
     """``train_step`` with this run's settings, jitted; donates the input state."""
     fn = functools.partial(train_step, key=self.step_key, num_classes=self.info.num_classes,
                            label_smoothing=self.config.label_smoothing,
-                           ema_decay=self.config.ema_decay, **self.norm)
+                           ema_decay=self.config.ema_decay,
+                           ema_warmup=self.config.ema_warmup, **self.norm)
     return jax.jit(fn, out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
 
   def jitted_eval_step(self):
@@ -225,25 +237,52 @@ class Experiment:
                            num_classes=self.info.num_classes, **self.norm)
     return jax.jit(fn, out_shardings=self.replicated)
 
-  def evaluate(self, state: TrainState, eval_source, p_eval_step
+  def source(self, split: str):
+    """The random-access source of ``split`` of the config's dataset."""
+    return datasets.create_source(self.config, split)
+
+  @contextlib.contextmanager
+  def train_batches(self, start_step: int) -> Iterator[Iterator[dict[str, jax.Array]]]:
+    """Global training batches (sharded over the devices) from ``start_step`` on."""
+    host_batches = input_pipeline.train_iterator(
+        self.source(self.config.train_split), self.config, start_step=start_step,
+        info=self.info)
+    try:
+      yield (parallel.global_batch(b, self.data_sharding) for b in host_batches)
+    finally:
+      input_pipeline.close(host_batches)
+
+  def checkpointer(self, read_only: bool = False) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(
+        self.workdir, max_to_keep=self.config.max_to_keep,
+        save_interval_steps=self.plan.checkpoint_every_steps,
+        async_checkpointing=self.config.async_checkpointing and not read_only,
+        read_only=read_only)
+
+  def metric_writer(self, start_step: int) -> summary_writer.MetricWriter:
+    return summary_writer.MetricWriter(
+        os.path.join(self.workdir, checkpointing.TENSORBOARD_DIR), start_step=start_step,
+        enabled=parallel.is_main_process())
+
+  def evaluate(self, state: TrainState, eval_source, eval_step_fn
                ) -> dict[str, dict[str, float]]:
     """Metrics of the raw weights (``'params'``) and, if kept, the EMA (``'ema'``)."""
     weights = {"params": {"params": state.params, "batch_stats": state.batch_stats}}
     if state.ema is not None:
       weights["ema"] = state.ema
-    return {name: evaluate_model(p_eval_step, variables,
+    return {name: evaluate_model(eval_step_fn, variables,
                                  input_pipeline.eval_iterator(eval_source, self.config,
                                                               info=self.info),
                                  self.data_sharding)
             for name, variables in weights.items()}
 
 
-def evaluate_model(p_eval_step, variables, batches: Iterable[dict[str, np.ndarray]],
+def evaluate_model(eval_step_fn, variables, batches: Iterable[dict[str, np.ndarray]],
                    data_sharding) -> dict[str, float]:
-  """Runs ``p_eval_step`` over ``batches``; averages on the host at the end."""
+  """Runs the jitted ``eval_step_fn`` over ``batches``; averages on the host at the end."""
   totals = None
   for host_batch in batches:
-    sums = p_eval_step(variables, parallel.global_batch(host_batch, data_sharding))
+    sums = eval_step_fn(variables, parallel.global_batch(host_batch, data_sharding))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError("The eval split produced no batches.")
@@ -257,32 +296,6 @@ def evaluate_model(p_eval_step, variables, batches: Iterable[dict[str, np.ndarra
   return out
 
 
-def _eval_scalars(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-  scalars = {}
-  for name, metrics in results.items():
-    prefix = "eval" if name == "params" else "eval_ema"
-    for key, value in metrics.items():
-      if key != "num_examples":
-        scalars[f"{prefix}/{key}"] = value
-  return scalars
-
-
-def _check_finite(pending: Sequence[tuple[int, Mapping[str, jax.Array]]]) -> None:
-  """Raises :class:`NonFiniteLossError` naming the first step whose loss or
-  gradient norm was NaN/Inf."""
-  if not pending:
-    return
-  flags = jax.device_get([m["finite"] for _, m in pending])
-  for (step, metrics), ok in zip(pending, flags):
-    if not ok:
-      loss, grad_norm = jax.device_get((metrics["loss"], metrics["grad_norm"]))
-      raise NonFiniteLossError(
-          f"Non-finite training loss, gradients or parameters at step {step} "
-          f"(loss={loss}, grad_norm={grad_norm}). Stopping; no checkpoint of this "
-          f"state was written, the last one is still valid. Lower "
-          f"config.learning_rate, set config.grad_clip_norm, or check the data.")
-
-
 # ---------------------------------------------------------------------------
 # The two entry points.
 
@@ -292,117 +305,58 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   SIGTERM checkpoints after the current step and raises ``TrainingInterrupted``.
 
-  Returns ``{'step', 'train': last logged train metrics, 'eval': last eval
-  metrics}`` (the eval metrics of the EMA weights when ``ema_decay > 0``).
+  Returns ``{'step', 'start_step', 'train': last logged train metrics, 'eval': last
+  eval metrics (of the EMA weights when ``ema_decay > 0``), 'eval_params'}``.
   """
-  setup = Experiment(config, workdir)
+  experiment = Experiment(config, workdir)
   checkpointing.check_config_matches(workdir, config)
-  checkpointer = checkpointing.Checkpointer(
-      workdir, max_to_keep=config.max_to_keep,
-      async_checkpointing=config.async_checkpointing)
-  train_iter = None
-  writer = None
-  progress = None
-  try:
-    restored = checkpointer.restore_latest(setup.abstract_state())
-    if restored is None:
-      state = setup.initial_state()
-      start_step = 0
-    else:
-      _, state, saved_position = restored
-      start_step = int(jax.device_get(state.step))
-      _check_data_position(saved_position, start_step, config)
-      logging.info("Resuming from %s at step %d.", checkpointer.directory, start_step)
+  plan = experiment.plan
+  with contextlib.ExitStack() as stack:
+    checkpointer = stack.enter_context(experiment.checkpointer())
+    state, start_step = restore_or_initialize(experiment, checkpointer)
     checkpointing.save_config(workdir, config)
-
-    is_main = parallel.is_main_process()
-    writer = summary_writer.MetricWriter(
-        os.path.join(workdir, checkpointing.TENSORBOARD_DIR), enabled=is_main)
-    if start_step == 0:
-      writer.write_text(0, "config", "```\n" + json.dumps(
-          config_validation.config_to_dict(config), indent=2) + "\n```")
-    p_train_step = setup.jitted_train_step()
-    p_eval_step = setup.jitted_eval_step()
-    train_source = input_pipeline.create_source(config, config.train_split)
-    eval_source = input_pipeline.create_source(config, config.eval_split)
-
-    num_steps = config.num_train_steps
-    logging.info("Training %s on %s: steps %d -> %d, global batch %d over %d "
-                 "device(s) in %d process(es); workdir %s.", config.model,
-                 config.dataset, start_step, num_steps, config.batch_size,
-                 jax.device_count(), jax.process_count(), os.path.abspath(workdir))
-    train_iter = input_pipeline.train_iterator(train_source, config,
-                                               start_step=start_step, info=setup.info)
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
-    progress = tqdm(total=num_steps, initial=start_step, unit="step", desc="train",
-                    disable=not is_main, dynamic_ncols=True)
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-    last_train: dict[str, float] = {}
-    last_eval: dict[str, dict[str, float]] = {}
-    timer_step, timer_start = start_step, time.perf_counter()
-    with _StopOnSigterm() as stop:
-      for step in range(start_step + 1, num_steps + 1):
-        batch = parallel.global_batch(next(train_iter), setup.data_sharding)
-        state, metrics = p_train_step(state, batch)
-        pending.append((step, metrics))
-        progress.update(1)
-        if step == start_step + 1:  # Do not count compilation in images/s.
-          jax.block_until_ready(metrics)
-          timer_step, timer_start = step, time.perf_counter()
-        is_last = step == num_steps
-        if step % config.log_every_steps == 0 or is_last:
-          _check_finite(pending)
-          host = jax.device_get([m for _, m in pending])
-          last_train = {f"train/{k}": float(np.mean([m[k] for m in host]))
-                        for k in ("loss", "accuracy", "grad_norm")}
-          last_train["train/learning_rate"] = float(setup.schedule(step - 1))
-          elapsed = time.perf_counter() - timer_start
-          if step > timer_step and elapsed > 0:
-            rate = (step - timer_step) / elapsed
-            last_train["train/steps_per_second"] = rate
-            last_train["train/images_per_second"] = rate * config.batch_size
-          writer.write_scalars(step, last_train)
-          progress.set_postfix(loss=f"{last_train['train/loss']:.4f}")
-          pending.clear()
-          timer_step, timer_start = step, time.perf_counter()
-        if step % config.eval_every_steps == 0 or is_last:
-          last_eval = setup.evaluate(state, eval_source, p_eval_step)
-          writer.write_scalars(step, _eval_scalars(last_eval))
-          progress.write(_eval_line(step, last_eval))
-          timer_start = time.perf_counter()  # Do not count evaluation in images/s.
-        stopping = stop.requested(step)
-        if step % config.checkpoint_every_steps == 0 or is_last or stopping:
-          _check_finite(pending)
-          checkpointer.save(step, state, data_position(step, config))
-        if stopping and not is_last:
-          checkpointer.wait_until_finished()
-          raise TrainingInterrupted(
-              f"Stopped by SIGTERM after step {step}, saved a checkpoint in "
-              f"{checkpointer.directory}. Re-run the same command to resume.")
-    if start_step >= num_steps:
+    report = stack.enter_context(reporting.Reporter(experiment, start_step))
+    train_step_fn = experiment.jitted_train_step()
+    eval_step_fn = experiment.jitted_eval_step()
+    eval_source = experiment.source(config.eval_split)
+    batches = stack.enter_context(experiment.train_batches(start_step))
+    stop = stack.enter_context(_StopOnSigterm(checkpointer))
+    for step in range(start_step + 1, plan.num_train_steps + 1):
+      state, metrics = train_step_fn(state, next(batches))
+      is_last = step == plan.num_train_steps
+      report.train_step(step, metrics, log=step % config.log_every_steps == 0 or is_last)
+      if step % plan.eval_every_steps == 0 or is_last:
+        with report.throughput_paused():
+          results = experiment.evaluate(state, eval_source, eval_step_fn)
+        report.eval_results(step, results)
+      stopping = stop.requested(step)
+      if is_last or stopping or checkpointer.should_save(step):
+        report.check_finite()  # A non-finite state is never checkpointed.
+        checkpointer.save(step, state, data_position(step, config))
+      if stopping and not is_last:
+        checkpointer.wait_until_finished()
+        raise TrainingInterrupted(
+            f"Stopped by SIGTERM after step {step}, saved a checkpoint in "
+            f"{checkpointer.directory}. Re-run the same command to resume.")
+    if start_step >= plan.num_train_steps:  # Its evaluation was logged by that run.
       logging.info("Already trained to step %d (num_train_steps=%d); evaluating.",
-                   start_step, num_steps)
-      last_eval = setup.evaluate(state, eval_source, p_eval_step)
-      progress.write(_eval_line(start_step, last_eval))
-  finally:
-    if progress is not None:
-      progress.close()
-    if train_iter is not None:
-      input_pipeline.close(train_iter)
-    checkpointer.close()
-    if writer is not None:
-      writer.close()
-  final_step = max(start_step, num_steps)
-  summary = {"step": final_step, "start_step": start_step, "train": last_train,
-             "eval": last_eval.get("ema", last_eval.get("params", {})),
-             "eval_params": last_eval.get("params", {})}
-  if is_main:
-    print(f"Trained {config.model} to step {final_step}; workdir: "
-          f"{os.path.abspath(workdir)} (checkpoints in "
-          f"{checkpointer.directory}, TensorBoard logs in "
-          f"{os.path.abspath(writer.logdir)}).", flush=True)
-  return summary
+                   start_step, plan.num_train_steps)
+      report.eval_results(start_step, experiment.evaluate(state, eval_source, eval_step_fn),
+                          to_tensorboard=False)
+  report.finished(max(start_step, plan.num_train_steps), checkpointer.directory)
+  return report.summary(start_step)
+
+
+def restore_or_initialize(experiment: Experiment, checkpointer: checkpointing.Checkpointer
+                          ) -> tuple[TrainState, int]:
+  """The newest readable checkpoint's state and step, or a new state at step 0."""
+  restored = checkpointer.restore_latest(experiment.abstract_state())
+  if restored is None:
+    return experiment.initial_state(), 0
+  step, state, saved_position = restored
+  _check_data_position(saved_position, step, experiment.config)
+  logging.info("Resuming from %s at step %d.", checkpointer.directory, step)
+  return state, step
 
 
 def evaluate(config, workdir: str, checkpoint_step: int | None = None
@@ -425,17 +379,15 @@ def evaluate(config, workdir: str, checkpoint_step: int | None = None
           f"workdir={workdir!r} has no {checkpointing.CONFIG_FILE}; pass --config.")
     import ml_collections  # pylint: disable=g-import-not-at-top
 
-    config = ml_collections.ConfigDict(saved)
-  setup = Experiment(config, workdir)
+    config = ml_collections.ConfigDict(saved).lock()
+  experiment = Experiment(config, workdir)
   checkpointing.check_config_matches(workdir, config)
-  checkpointer = checkpointing.Checkpointer(workdir, read_only=True,
-                                            async_checkpointing=False)
-  try:
+  with experiment.checkpointer(read_only=True) as checkpointer:
     steps = checkpointer.all_steps()
     if not steps:
       raise WorkdirError(
           f"workdir={workdir!r} holds no checkpoints to evaluate; train first.")
-    abstract_state = setup.abstract_state()
+    abstract_state = experiment.abstract_state()
     if checkpoint_step is None:  # The newest readable one.
       step, state, _ = checkpointer.restore_latest(abstract_state)
     else:
@@ -445,10 +397,8 @@ def evaluate(config, workdir: str, checkpoint_step: int | None = None
       step = checkpoint_step
       checkpointer.check_compatible(step, abstract_state)
       state = checkpointer.restore_state(step, abstract_state)
-  finally:
-    checkpointer.close()
-  eval_source = input_pipeline.create_source(config, config.eval_split)
-  results = setup.evaluate(state, eval_source, setup.jitted_eval_step())
+  results = experiment.evaluate(state, experiment.source(config.eval_split),
+                                experiment.jitted_eval_step())
   main = results.get("ema", results["params"])
   report = {"step": int(step), **main,
             "weights": "ema" if "ema" in results else "params",
@@ -457,7 +407,7 @@ def evaluate(config, workdir: str, checkpoint_step: int | None = None
   if parallel.is_main_process():
     path = os.path.join(workdir, checkpointing.EVALUATION_FILE)
     checkpointing.write_json(path, report)
-    print(_eval_line(step, results) + f"\nWrote {os.path.abspath(path)}", flush=True)
+    print(reporting.eval_line(step, results) + f"\nWrote {os.path.abspath(path)}", flush=True)
   return report
 
 
@@ -465,10 +415,12 @@ class _StopOnSigterm:
   """Turns SIGTERM (preemption, `kill`) into "checkpoint after this step and stop".
 
   With several processes all of them must stop at the same step: JAX's preemption
-  sync point (``jax.distributed``'s preemption service catches SIGTERM) decides.
+  sync point (``jax.distributed``'s preemption service catches SIGTERM), which Orbax's
+  ``reached_preemption`` reads, decides.
   """
 
-  def __init__(self):
+  def __init__(self, checkpointer: checkpointing.Checkpointer):
+    self._checkpointer = checkpointer
     self._signalled = False
     self._previous = None
 
@@ -487,9 +439,7 @@ class _StopOnSigterm:
 
   def requested(self, step: int) -> bool:
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-      return multihost_utils.reached_preemption_sync_point(step)
+      return self._checkpointer.reached_preemption(step)
     return self._signalled
 
 
@@ -507,14 +457,3 @@ def _check_data_position(position: Mapping[str, Any] | None, step: int,
     raise WorkdirError(
         f"The checkpoint at step {step} records the data position {position}, "
         f"expected {expected}: its data stream does not match this config.")
-
-
-def _eval_line(step: int, results: Mapping[str, Mapping[str, float]]) -> str:
-  parts = []
-  for name, m in results.items():
-    top5 = f", top-5 {m['top5_accuracy']:.2%}" if "top5_accuracy" in m else ""
-    weights = "EMA weights" if name == "ema" else "weights"
-    parts.append(f"{weights}: loss {m['loss']:.4f}, top-1 {m['accuracy']:.2%}{top5} "
-                 f"on {m['num_examples']} examples")
-  return f"[step {step}] eval " + "; ".join(parts)
-

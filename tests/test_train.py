@@ -16,6 +16,8 @@ import pytest
 from sasa_jax import checkpointing
 from sasa_jax import config_validation
 from sasa_jax import optimizers
+from sasa_jax import reporting
+from sasa_jax import run_plan
 from sasa_jax import training
 from sasa_jax.errors import ConfigError, NonFiniteLossError, WorkdirError
 
@@ -25,19 +27,37 @@ pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 # Bad configs and workdirs: clear errors before anything is compiled.
 
 
-def test_unknown_missing_and_bad_keys(make_config):
+def test_configs_are_locked_and_typed(make_config):
   config = make_config()
-  config.bach_size = 3
-  config.learning_rate = -1.0
-  del config["momentum"]
+  with pytest.raises(AttributeError, match='Did you mean "batch_size"'):
+    config.bach_size = 3
+  with pytest.raises(AttributeError, match='Did you mean "kernel_size"'):
+    config.model_overrides.kernal_size = 3
+  with pytest.raises(TypeError, match="batch_size"):
+    config.batch_size = "many"
+  config.data_dir = "/data"  # A placeholder(str): unset (None) until given a string.
+  config.num_train_steps = None
+  assert (config.data_dir, config.num_train_steps) == ("/data", None)
+
+
+def test_missing_and_bad_values(make_config):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  loose = ml_collections.ConfigDict(make_config().to_dict())  # e.g. an old config.json
+  del loose["momentum"]
+  loose.base_learning_rate = -1.0
+  loose.eval_every_steps = 0
   with pytest.raises(ConfigError) as err:
-    config_validation.validate_config(config)
+    config_validation.validate_config(loose)
   message = str(err.value)
-  assert "unknown config key 'bach_size' (did you mean 'batch_size'?)" in message
   assert "missing config key 'momentum'" in message
-  assert "config.learning_rate=-1.0 is invalid: allowed a float > 0" in message
+  assert "config.base_learning_rate=-1.0 is invalid: allowed a float > 0" in message
+  assert ("config.eval_every_steps=0 is invalid: allowed None (from eval_every_epochs) "
+          "or a positive int") in message
   with pytest.raises(ConfigError, match="config.optimizer='adam'.*'sgd' or 'adamw'"):
     config_validation.validate_config(make_config(optimizer="adam"))
+  with pytest.raises(ConfigError, match="num_epochs=0 with config.num_train_steps unset"):
+    config_validation.validate_config(make_config(num_epochs=0.0, num_train_steps=None))
 
 
 def test_batch_not_divisible_by_devices(make_config):
@@ -64,10 +84,10 @@ def test_workdir_of_another_experiment(make_config, tmp_path):
   checkpointing.check_config_matches(str(tmp_path), make_config(model="resnet_tiny",
                                                                 num_train_steps=9))
   with pytest.raises(WorkdirError) as err:
-    training.train_and_evaluate(make_config(learning_rate=0.5), str(tmp_path))
+    training.train_and_evaluate(make_config(base_learning_rate=0.5), str(tmp_path))
   message = str(err.value)
   assert "model: saved='resnet_tiny', now='sasa_tiny'" in message
-  assert "learning_rate: saved=0.1, now=0.5" in message
+  assert "base_learning_rate: saved=0.4, now=0.5" in message
   assert "num_train_steps" not in message  # Loop settings may change on resume.
 
 
@@ -75,22 +95,42 @@ def test_workdir_of_another_experiment(make_config, tmp_path):
 # Pieces of the step.
 
 
+def _schedule(config, num_train_examples=1437):
+  plan = run_plan.create_run_plan(config, num_train_examples)
+  return optimizers.create_learning_rate_schedule(config, plan)
+
+
+def test_run_plan_follows_epochs_and_batch(make_config):
+  config = make_config(num_train_steps=None, num_epochs=10.0, warmup_steps=None,
+                       warmup_epochs=2.0, eval_every_steps=None, eval_every_epochs=4.0,
+                       checkpoint_every_steps=None, checkpoint_every_epochs=2.5,
+                       base_learning_rate=0.4, batch_size=100)
+  plan = run_plan.create_run_plan(config, num_train_examples=1050)
+  assert (plan.num_train_steps, plan.warmup_steps) == (105, 21)  # 10.5 steps per epoch.
+  assert (plan.eval_every_steps, plan.checkpoint_every_steps) == (42, 26)
+  assert plan.learning_rate == pytest.approx(0.4 * 100 / 256)
+  config.num_train_steps, config.warmup_steps = 7, 3  # Set: they override the epochs.
+  plan = run_plan.create_run_plan(config, num_train_examples=1050)
+  assert (plan.num_train_steps, plan.warmup_steps) == (7, 3)
+  assert "7 steps (0.6667 epochs of 1050 examples at batch 100)" in plan.describe()
+
+
 def test_learning_rate_schedule(make_config):
-  schedule = optimizers.create_learning_rate_schedule(
-      make_config(learning_rate=1.6, warmup_steps=10, num_train_steps=110))
+  # Peak 1.6 at batch 4096 from 0.1 per 256 images; 10 warm-up steps then cosine to 0.
+  schedule = _schedule(make_config(base_learning_rate=0.1, batch_size=4096,
+                                   warmup_steps=10, num_train_steps=110))
   values = [float(schedule(s)) for s in (0, 5, 10, 60, 110)]
   np.testing.assert_allclose(values, [0.0, 0.8, 1.6, 0.8, 0.0], atol=1e-6)
-  constant = optimizers.create_learning_rate_schedule(
-      make_config(learning_rate=0.3, warmup_steps=0, lr_schedule="constant"))
+  constant = _schedule(make_config(base_learning_rate=0.3, batch_size=256, warmup_steps=0,
+                                   lr_schedule="constant"))
   assert float(constant(0)) == float(constant(1000)) == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_weight_decay_skips_batchnorm_and_biases(make_config, optimizer):
-  config = make_config(optimizer=optimizer, weight_decay=0.1, learning_rate=1.0,
+  config = make_config(optimizer=optimizer, weight_decay=0.1, base_learning_rate=1.0,
                        warmup_steps=0, lr_schedule="constant", momentum=0.0)
-  tx = optimizers.create_optimizer(
-      config, optimizers.create_learning_rate_schedule(config))
+  tx = optimizers.create_optimizer(config, _schedule(config))
   params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))},
             "bn": {"scale": jnp.ones((2,)), "bias": jnp.ones((2,))}}
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -101,10 +141,10 @@ def test_weight_decay_skips_batchnorm_and_biases(make_config, optimizer):
 
 
 def test_gradient_clipping(make_config):
-  config = make_config(grad_clip_norm=1.0, weight_decay=0.0, learning_rate=1.0,
-                       warmup_steps=0, lr_schedule="constant", momentum=0.0)
-  tx = optimizers.create_optimizer(
-      config, optimizers.create_learning_rate_schedule(config))
+  config = make_config(grad_clip_norm=1.0, weight_decay=0.0, base_learning_rate=1.0,
+                       base_batch_size=16, warmup_steps=0, lr_schedule="constant",
+                       momentum=0.0)  # Learning rate 1.0 at batch 16.
+  tx = optimizers.create_optimizer(config, _schedule(config))
   params = {"w": jnp.zeros((4,))}
   updates, _ = tx.update({"w": jnp.full((4,), 10.0)}, tx.init(params), params)
   assert float(optax.global_norm(updates)) == pytest.approx(1.0, rel=1e-5)
@@ -115,17 +155,19 @@ def test_loss_and_ema_helpers():
   plain = training.cross_entropy_loss(logits, jnp.array([0]), 3)
   smooth = training.cross_entropy_loss(logits, jnp.array([0]), 3, 0.1)
   assert float(plain[0]) < 1e-3 < float(smooth[0])
-  assert float(training.ema_decay_at(jnp.array(0), 0.9999)) == pytest.approx(0.1)
-  assert float(training.ema_decay_at(jnp.array(10**6), 0.9999)) == pytest.approx(0.9999)
+  decay = lambda step, warmup: float(training.ema_decay_at(jnp.array(step), 0.9999, warmup))
+  assert decay(0, True) == pytest.approx(0.1)
+  assert decay(10**6, True) == pytest.approx(0.9999)
+  assert decay(0, False) == decay(10**6, False) == pytest.approx(0.9999)
 
 
 def test_non_finite_loss_names_the_step():
   ok = {"finite": jnp.array(True), "loss": jnp.array(1.0), "grad_norm": jnp.array(1.0)}
   bad = {"finite": jnp.array(False), "loss": jnp.array(jnp.nan),
          "grad_norm": jnp.array(jnp.inf)}
-  training._check_finite([(7, ok)])  # pylint: disable=protected-access
+  reporting.check_finite([(7, ok)])
   with pytest.raises(NonFiniteLossError, match="at step 8 .*no checkpoint"):
-    training._check_finite([(7, ok), (8, bad), (9, bad)])  # pylint: disable=protected-access
+    reporting.check_finite([(7, ok), (8, bad), (9, bad)])
 
 
 # ---------------------------------------------------------------------------
@@ -194,7 +236,7 @@ def test_every_option_on_a_tfds_dataset(make_config, tiny_tfds_dir, tmp_path):
       dataset="sasa_test_digits", data_dir=tiny_tfds_dir, augmentation="cifar",
       batch_size=8, eval_batch_size=16, num_train_steps=3, checkpoint_every_steps=3,
       eval_every_steps=3, compute_dtype="bfloat16", ema_decay=0.99,
-      optimizer="adamw", weight_decay=1e-4, learning_rate=1e-3, grad_clip_norm=1.0,
+      optimizer="adamw", weight_decay=1e-4, base_learning_rate=1e-3, grad_clip_norm=1.0,
       label_smoothing=0.1)
   assert training.create_model(config, 10).dtype == jnp.bfloat16
   workdir = str(tmp_path / "run")

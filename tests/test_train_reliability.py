@@ -19,6 +19,7 @@ import pytest
 from conftest import REPO, subprocess_env, tiny_config
 
 from sasa_jax import checkpointing
+from sasa_jax import datasets
 from sasa_jax import input_pipeline as ip
 from sasa_jax import training
 from sasa_jax.errors import ConfigError, DataError, NonFiniteLossError, WorkdirError
@@ -94,7 +95,7 @@ def test_checkpoints_of_another_model_are_refused_before_any_step(six_steps, tmp
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
-  config = tiny_config(learning_rate=1e36, warmup_steps=0, num_train_steps=6,
+  config = tiny_config(base_learning_rate=1e36, warmup_steps=0, num_train_steps=6,
                        checkpoint_every_steps=1, log_every_steps=6)
   with pytest.raises(NonFiniteLossError, match=r"at step 2 .*no checkpoint"):
     training.train_and_evaluate(config, str(tmp_path / "run"))
@@ -126,8 +127,8 @@ class _Source:
 ])
 def test_bad_examples_are_clear_errors(example, message):
   config = tiny_config(batch_size=2, eval_batch_size=2)
-  info = ip.DatasetInfo("bad", num_classes=10, num_train_examples=2,
-                        num_eval_examples=2, num_channels=1)
+  info = datasets.DatasetInfo("bad", num_classes=10, num_train_examples=2,
+                              num_eval_examples=2, num_channels=1)
   good = {"image": np.zeros((8, 8, 1), np.uint8), "label": 0}
   source = _Source([good, example])
   with pytest.raises(DataError, match=message):
@@ -137,11 +138,11 @@ def test_bad_examples_are_clear_errors(example, message):
 
 
 def test_empty_split_is_a_clear_error(monkeypatch):
-  real = ip.create_source
-  monkeypatch.setattr(ip, "create_source", lambda config, split: (
+  real = datasets.create_source
+  monkeypatch.setattr(datasets, "create_source", lambda config, split: (
       _Source([]) if split == "test" else real(config, split)))
   with pytest.raises(ConfigError, match="'test' has 0.*must be non-empty"):
-    ip.get_dataset_info(tiny_config())
+    datasets.get_dataset_info(tiny_config())
 
 
 def _train_py(workdir, num_steps):
