@@ -35,6 +35,7 @@ def model_overrides() -> ml_collections.ConfigDict:
       "spatial": placeholder(object),  # 'conv' | 'attention', or one per stage.
       "stem": placeholder(str),  # 'conv' | 'attention'.
       "small_inputs": placeholder(bool),  # A stem without downsampling.
+      "stem_pool": placeholder(int),  # Max-pooling that ends a small-input stem.
       "kernel_size": placeholder(object),  # Attention window k, or (kh, kw).
       "num_heads": placeholder(int),
       "positional": placeholder(str),  # 'relative' | 'absolute' | 'none'.
@@ -63,7 +64,7 @@ def get_config():
   config.train_split = "train"
   config.eval_split = "test"
   config.image_size = 8
-  config.augmentation = "none"  # 'none' | 'cifar' | 'inception'.
+  config.augmentation = "none"  # 'none' | 'flip' | 'cifar' | 'inception'.
   config.eval_preprocessing = "none"  # 'none' | 'center_crop'.
   config.eval_crop_fraction = 0.875  # Used by 'center_crop'.
   # Per-channel normalisation of x / 255 (on device).

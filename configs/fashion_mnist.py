@@ -20,7 +20,6 @@ import dataclasses
 from configs import default
 
 MODELS = ("sasa_fmnist", "sasa_fmnist_conv_stem", "resnet_fmnist")
-NUM_TRAIN_EXAMPLES = 60_000
 
 
 def get_config(model: str = "sasa_fmnist"):
@@ -38,21 +37,20 @@ def get_config(model: str = "sasa_fmnist"):
 
   config.batch_size = 128
   config.eval_batch_size = 1000
-  steps_per_epoch = NUM_TRAIN_EXAMPLES // config.batch_size
-  config.num_train_steps = 3 * steps_per_epoch
+  config.num_epochs = 4.0
 
-  config.optimizer = "sgd"
+  config.optimizer = "sgd"  # Paper: Nesterov momentum SGD.
   config.nesterov = True
   config.momentum = 0.9
-  config.learning_rate = 0.1
-  config.lr_schedule = "cosine"
-  config.warmup_steps = steps_per_epoch // 4
-  config.weight_decay = 5e-4
+  config.base_learning_rate = 0.2  # Per 256 images: 0.1 at batch 128.
+  config.lr_schedule = "cosine"  # Paper: linear warm-up, then cosine.
+  config.warmup_epochs = 0.25
+  config.weight_decay = 5e-4  # Not on BatchNorm parameters and biases.
   config.label_smoothing = 0.1
 
   config.log_every_steps = 50
-  config.eval_every_steps = steps_per_epoch
-  config.checkpoint_every_steps = steps_per_epoch
+  config.eval_every_epochs = 1.0
+  config.checkpoint_every_epochs = 1.0
   return config
 
 
@@ -127,9 +125,8 @@ ABLATIONS = (
 # epochs (`train_split='train'`), or CIFAR-10 on a GPU (README, Experiments).
 BUDGETS = {
     "default": {
-        "train_split": "train[:20000]", "num_train_steps": 3 * 20_000 // 128,
-        "warmup_steps": 20_000 // 128 // 4, "eval_every_steps": 20_000 // 128,
-        "checkpoint_every_steps": 20_000 // 128,
+        "train_split": "train[:20000]", "num_epochs": 3.0, "warmup_epochs": 0.25,
+        "eval_every_epochs": 1.0, "checkpoint_every_epochs": 1.0,
     },
     "quick": {
         "train_split": "train[:256]", "eval_split": "test[:200]", "batch_size": 32,

@@ -40,7 +40,7 @@ if _REPO not in sys.path:  # `configs` lives beside the package, as for train.py
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import fashion_mnist
 from experiments import report
-from sasa_jax import checkpointing, errors, input_pipeline, models, training
+from sasa_jax import checkpointing, datasets, errors, models, training
 from sasa_jax.models import flops
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -117,7 +117,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) one run and writes its ``result.json``; returns the result."""
   start = time.perf_counter()
   summary = training.train_and_evaluate(config, workdir)
-  info = input_pipeline.get_dataset_info(config)
+  info = datasets.get_dataset_info(config)
   shape = (1, config.image_size, config.image_size, info.num_channels)
   result = {
       "step": summary["step"],

@@ -1,9 +1,10 @@
 """Per-example preprocessing on the host (numpy; uint8 in, uint8 out), and the
 normalisation that follows on the device.
 
-Training augmentations (``config.augmentation``): ``'none'``; ``'cifar'``, zero-pad 4,
-random crop back to the size, random horizontal flip; ``'inception'``, a random-resized
-crop (Szegedy et al. 2015) and flip. Evaluation (``config.eval_preprocessing``):
+Training augmentations (``config.augmentation``): ``'none'``; ``'flip'``, a random
+horizontal flip (for centred, size-normalised images such as Fashion-MNIST's);
+``'cifar'``, zero-pad 4, random crop back to the size, random horizontal flip;
+``'inception'``, a random-resized crop (Szegedy et al. 2015) and flip. Evaluation (``config.eval_preprocessing``):
 ``'none'``, or ``'center_crop'``, a central crop resized to ``config.image_size``.
 :class:`TrainPreprocess` and :class:`EvalPreprocess` are the picklable grain maps that
 apply them; every example is then checked against what the model takes
@@ -24,7 +25,7 @@ import numpy as np
 from sasa_jax.datasets import Example
 from sasa_jax.errors import DataError
 
-AUGMENTATIONS = ("none", "cifar", "inception")
+AUGMENTATIONS = ("none", "flip", "cifar", "inception")
 EVAL_PREPROCESSINGS = ("none", "center_crop")
 
 
@@ -133,8 +134,8 @@ class ExampleSpec:
 class TrainPreprocess:
   """Picklable grain random map: the dataset's standard training augmentation.
 
-  'none' and 'cifar' keep the image size (it must be ``image_size``); 'inception'
-  crops and resizes any image.
+  'none', 'flip' and 'cifar' keep the image size (it must be ``image_size``);
+  'inception' crops and resizes any image.
   """
 
   augmentation: str
@@ -145,6 +146,8 @@ class TrainPreprocess:
     size = self.spec.image_size
     if self.augmentation == "cifar" and ex["image"].shape[:2] == (size, size):
       ex["image"] = pad_crop_flip(ex["image"], rng, size)
+    elif self.augmentation == "flip":
+      ex["image"] = _flip(ex["image"], rng)
     elif self.augmentation == "inception":
       ex["image"] = inception_crop(ex["image"], rng, size)
     return self.spec.check(ex, self.augmentation)

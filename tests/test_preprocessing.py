@@ -24,3 +24,14 @@ def test_augmentations():
   x = pp.normalize_images(np.full((1, 2, 2, 3), 255, np.uint8), (0.5, 0.5, 0.5),
                           (0.25, 0.25, 0.25))
   np.testing.assert_allclose(np.asarray(x), 2.0)
+
+
+def test_flip_augmentation_only_mirrors():
+  """'flip' returns the image or its mirror (about half of each), nothing else."""
+  image = np.arange(28 * 28, dtype=np.int64).reshape(28, 28, 1).astype(np.uint8)
+  preprocess = pp.TrainPreprocess("flip", pp.ExampleSpec(28))
+  rng = np.random.default_rng(0)
+  outs = [preprocess({"image": image, "label": 3}, rng) for _ in range(200)]
+  flipped = [np.array_equal(o["image"], image[:, ::-1]) for o in outs]
+  assert all(f or np.array_equal(o["image"], image) for f, o in zip(flipped, outs))
+  assert 60 < sum(flipped) < 140 and all(o["label"] == 3 for o in outs)

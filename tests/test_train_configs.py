@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 from absl import flags
-from configs import cifar10, default, imagenet
+from configs import cifar10, default, fashion_mnist, imagenet
 from ml_collections import config_flags
 
 from sasa_jax import config_validation
@@ -19,8 +19,10 @@ from sasa_jax import run_plan
 from sasa_jax import training
 
 ALL = ([("default", None)] + [("cifar10", m) for m in cifar10.MODELS] +
-       [("imagenet", m) for m in imagenet.MODELS])
-_MODULES = {"default": default, "cifar10": cifar10, "imagenet": imagenet}
+       [("imagenet", m) for m in imagenet.MODELS] +
+       [("fashion_mnist", m) for m in fashion_mnist.MODELS])
+_MODULES = {"default": default, "cifar10": cifar10, "imagenet": imagenet,
+            "fashion_mnist": fashion_mnist}
 
 
 @pytest.mark.parametrize("name,model", ALL)
@@ -60,7 +62,8 @@ def test_imagenet_recipe():
 
 
 @pytest.mark.parametrize("module,num_train_examples", [
-    (imagenet, IMAGENET_TRAIN_EXAMPLES), (cifar10, 50_000), (default, 1437)])
+    (imagenet, IMAGENET_TRAIN_EXAMPLES), (cifar10, 50_000), (default, 1437),
+    (fashion_mnist, 60_000)])
 def test_a_batch_override_keeps_the_recipe(module, num_train_examples):
   """The same config at two batch sizes: the same epochs, warm-up epochs and intervals
   in epochs, and the peak learning rate scaled linearly with the batch."""
@@ -134,3 +137,22 @@ def test_every_config_key_can_be_overridden_on_the_command_line():
   for key, t in types.items():
     value = functools.reduce(getattr, key.split("."), config)
     assert value == _SAMPLE_VALUES[t][1], key
+
+
+def test_model_overrides_hold_every_resnet_field():
+  """Each ``ResNet`` field is one ``--config.model_overrides.<field>`` (dtypes come from
+  ``compute_dtype``)."""
+  assert set(default.model_overrides()) == set(models.OVERRIDES) - {"dtype", "param_dtype"}
+
+
+def test_fashion_mnist_recipe():
+  """The paper's recipe scaled down: Nesterov SGD, warm-up then cosine, label smoothing,
+  weight decay (off BatchNorm/bias), pad-crop + flip; the three 28x28 models."""
+  c = fashion_mnist.get_config()
+  assert (c.dataset, c.model, c.image_size, c.augmentation) == (
+      "fashion_mnist", "sasa_fmnist", 28, "cifar")
+  assert (c.optimizer, c.nesterov, c.lr_schedule) == ("sgd", True, "cosine")
+  assert c.warmup_epochs > 0 and c.label_smoothing == 0.1 and c.weight_decay > 0
+  for name in fashion_mnist.MODELS:
+    config = models.get_config(name)
+    assert (config.image_size, config.in_channels, config.num_classes) == (28, 1, 10)
