@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from sasa_jax import input_pipeline
+from sasa_jax import preprocessing
 from sasa_jax.errors import ConfigError
 
 _Check = Callable[[Any], bool]
@@ -72,10 +72,10 @@ SCHEMA: dict[str, tuple[_Check, str]] = {
     "train_split": (_str, "a split name of the dataset"),
     "eval_split": (_str, "a split name of the dataset"),
     "image_size": (_positive_int, "a positive int"),
-    "augmentation": (_one_of(*input_pipeline.AUGMENTATIONS),
-                     " | ".join(map(repr, input_pipeline.AUGMENTATIONS))),
-    "eval_preprocessing": (_one_of(*input_pipeline.EVAL_PREPROCESSINGS),
-                           " | ".join(map(repr, input_pipeline.EVAL_PREPROCESSINGS))),
+    "augmentation": (_one_of(*preprocessing.AUGMENTATIONS),
+                     " | ".join(map(repr, preprocessing.AUGMENTATIONS))),
+    "eval_preprocessing": (_one_of(*preprocessing.EVAL_PREPROCESSINGS),
+                           " | ".join(map(repr, preprocessing.EVAL_PREPROCESSINGS))),
     "eval_crop_fraction": (_number(0, 1, lo_open=True), "a float in (0, 1]"),
     "normalization_mean": (_floats, "a tuple of floats (one per channel, or one)"),
     "normalization_std": (lambda v: _floats(v) and all(x > 0 for x in v),

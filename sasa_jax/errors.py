@@ -17,6 +17,10 @@ class DatasetNotPreparedError(Error, RuntimeError):
   """A TFDS dataset is not prepared in ``data_dir`` and could not be prepared."""
 
 
+class MissingDependencyError(Error, ImportError):
+  """A Python package that this step needs (e.g. to prepare a dataset) is missing."""
+
+
 class NonFiniteLossError(Error, FloatingPointError):
   """The loss or gradients became NaN/Inf; that state is never checkpointed."""
 

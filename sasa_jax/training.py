@@ -5,14 +5,13 @@ Data parallel over every device of every host with ``jax.jit`` on a 1-D mesh
 (:mod:`sasa_jax.parallel`): the state is replicated, batches are sharded, and the
 compiler adds the all-reduces, so BatchNorm statistics are over the global batch.
 The step functions are pure; per-step randomness is ``fold_in(key(seed), step)``.
-Metrics stay on device until they are logged.
+What the loop reports (console, TensorBoard) goes through :mod:`sasa_jax.reporting`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import signal
 import threading
@@ -28,16 +27,17 @@ from flax.training import train_state
 
 from sasa_jax import checkpointing
 from sasa_jax import config_validation
+from sasa_jax import datasets
 from sasa_jax import distributed
 from sasa_jax import input_pipeline
 from sasa_jax import models
 from sasa_jax import optimizers
 from sasa_jax import parallel
-from sasa_jax import progress
+from sasa_jax import preprocessing
+from sasa_jax import reporting
 from sasa_jax import run_plan
 from sasa_jax import summary_writer
-from sasa_jax.errors import (ConfigError, NonFiniteLossError, TrainingInterrupted,
-                             WorkdirError)
+from sasa_jax.errors import ConfigError, TrainingInterrupted, WorkdirError
 
 # ``config.compute_dtype`` -> the model's computation dtype (parameters stay float32).
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -114,7 +114,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, key: jax.Ar
                ema_warmup: bool, mean: Sequence[float], std: Sequence[float]
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on a global batch; returns the new state and device metrics."""
-  images = input_pipeline.normalize_images(batch["image"], mean, std)
+  images = preprocessing.normalize_images(batch["image"], mean, std)
   labels = batch["label"]
   step_key = jax.random.fold_in(key, state.step)
 
@@ -156,7 +156,7 @@ def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
               apply_fn, num_classes: int, mean: Sequence[float],
               std: Sequence[float]) -> dict[str, jax.Array]:
   """Sums over the (masked) global batch: loss, top-1 (and top-5) hits, count."""
-  images = input_pipeline.normalize_images(batch["image"], mean, std)
+  images = preprocessing.normalize_images(batch["image"], mean, std)
   labels, mask = batch["label"], batch["mask"]
   logits = apply_fn(variables, images, train=False).astype(jnp.float32)
   loss = cross_entropy_loss(logits, labels, num_classes)
@@ -199,7 +199,7 @@ class Experiment:
     self.mesh = parallel.create_mesh()
     config_validation.check_batch_sizes(config, jax.device_count(),
                                         jax.process_count())
-    self.info = input_pipeline.get_dataset_info(config)
+    self.info = datasets.get_dataset_info(config)
     config_validation.check_channels(config, self.info.num_channels)
     self.model = create_model(config, self.info.num_classes)
     self.image_shape = (config.image_size, config.image_size, self.info.num_channels)
@@ -241,7 +241,7 @@ class Experiment:
 
   def source(self, split: str):
     """The random-access source of ``split`` of the config's dataset."""
-    return input_pipeline.create_source(self.config, split)
+    return datasets.create_source(self.config, split)
 
   @contextlib.contextmanager
   def train_batches(self, start_step: int) -> Iterator[Iterator[dict[str, jax.Array]]]:
@@ -298,32 +298,6 @@ def evaluate_model(eval_step_fn, variables, batches: Iterable[dict[str, np.ndarr
   return out
 
 
-def _eval_scalars(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-  scalars = {}
-  for name, metrics in results.items():
-    prefix = "eval" if name == "params" else "eval_ema"
-    for key, value in metrics.items():
-      if key != "num_examples":
-        scalars[f"{prefix}/{key}"] = value
-  return scalars
-
-
-def _check_finite(pending: Sequence[tuple[int, Mapping[str, jax.Array]]]) -> None:
-  """Raises :class:`NonFiniteLossError` naming the first step whose loss or
-  gradient norm was NaN/Inf."""
-  if not pending:
-    return
-  flags = jax.device_get([m["finite"] for _, m in pending])
-  for (step, metrics), ok in zip(pending, flags):
-    if not ok:
-      loss, grad_norm = jax.device_get((metrics["loss"], metrics["grad_norm"]))
-      raise NonFiniteLossError(
-          f"Non-finite training loss, gradients or parameters at step {step} "
-          f"(loss={loss}, grad_norm={grad_norm}). Stopping; no checkpoint of this "
-          f"state was written, the last one is still valid. Lower "
-          f"config.learning_rate, set config.grad_clip_norm, or check the data.")
-
-
 # ---------------------------------------------------------------------------
 # The two entry points.
 
@@ -343,65 +317,36 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     checkpointer = stack.enter_context(experiment.checkpointer())
     state, start_step = restore_or_initialize(experiment, checkpointer)
     checkpointing.save_config(workdir, config)
-    logging.info("Training %s on %s: %s; steps %d -> %d; global batch %d over %d "
-                 "device(s) in %d process(es).", config.model, config.dataset,
-                 plan.describe(), start_step, plan.num_train_steps, config.batch_size,
-                 jax.device_count(), jax.process_count())
-    writer = stack.enter_context(experiment.metric_writer(start_step))
-    if start_step == 0:
-      writer.write_text(0, "config", "```\n" + json.dumps(
-          config_validation.config_to_dict(config), indent=2) + "\n```\n\n"
-          + plan.describe())
-    console = stack.enter_context(progress.ProgressBar(
-        start_step, plan.num_train_steps, enabled=parallel.is_main_process()))
+    report = stack.enter_context(reporting.Reporter(experiment, start_step))
     train_step_fn = experiment.jitted_train_step()
     eval_step_fn = experiment.jitted_eval_step()
     eval_source = experiment.source(config.eval_split)
     batches = stack.enter_context(experiment.train_batches(start_step))
     stop = stack.enter_context(_StopOnSigterm(checkpointer))
-    metrics = TrainMetrics(experiment, start_step)
-
-    def run_evaluation(step: int, state: TrainState) -> dict[str, dict[str, float]]:
-      with metrics.timer.paused():
-        results = experiment.evaluate(state, eval_source, eval_step_fn)
-      writer.write_scalars(step, _eval_scalars(results))
-      console.write(_eval_line(step, results))
-      return results
-
-    last_eval: dict[str, dict[str, float]] = {}
     for step in range(start_step + 1, plan.num_train_steps + 1):
-      state, step_metrics = train_step_fn(state, next(batches))
-      metrics.add(step, step_metrics, console)
+      state, metrics = train_step_fn(state, next(batches))
       is_last = step == plan.num_train_steps
-      if step % config.log_every_steps == 0 or is_last:
-        scalars = metrics.summarize(step)
-        writer.write_scalars(step, scalars)
-        console.write(_train_line(step, plan, scalars))
-      console.update(step, loss=metrics.last.get("train/loss"),
-                     images_per_second=metrics.last.get("train/images_per_second"))
+      report.train_step(step, metrics, log=step % config.log_every_steps == 0 or is_last)
       if step % plan.eval_every_steps == 0 or is_last:
-        last_eval = run_evaluation(step, state)
+        with report.throughput_paused():
+          results = experiment.evaluate(state, eval_source, eval_step_fn)
+        report.eval_results(step, results)
       stopping = stop.requested(step)
       if is_last or stopping or checkpointer.should_save(step):
-        metrics.check_finite()  # A non-finite state is never checkpointed.
+        report.check_finite()  # A non-finite state is never checkpointed.
         checkpointer.save(step, state, data_position(step, config))
       if stopping and not is_last:
         checkpointer.wait_until_finished()
         raise TrainingInterrupted(
             f"Stopped by SIGTERM after step {step}, saved a checkpoint in "
             f"{checkpointer.directory}. Re-run the same command to resume.")
-    if start_step >= plan.num_train_steps:
+    if start_step >= plan.num_train_steps:  # Its evaluation was logged by that run.
       logging.info("Already trained to step %d (num_train_steps=%d); evaluating.",
                    start_step, plan.num_train_steps)
-      last_eval = run_evaluation(start_step, state)
-  final_step = max(start_step, plan.num_train_steps)
-  if parallel.is_main_process():
-    print(f"Trained {config.model} to step {final_step}; workdir: "
-          f"{os.path.abspath(workdir)} (checkpoints in {checkpointer.directory}, "
-          f"TensorBoard logs in {os.path.abspath(writer.logdir)}).", flush=True)
-  return {"step": final_step, "start_step": start_step, "train": metrics.last,
-          "eval": last_eval.get("ema", last_eval.get("params", {})),
-          "eval_params": last_eval.get("params", {})}
+      report.eval_results(start_step, experiment.evaluate(state, eval_source, eval_step_fn),
+                          to_tensorboard=False)
+  report.finished(max(start_step, plan.num_train_steps), checkpointer.directory)
+  return report.summary(start_step)
 
 
 def restore_or_initialize(experiment: Experiment, checkpointer: checkpointing.Checkpointer
@@ -414,49 +359,6 @@ def restore_or_initialize(experiment: Experiment, checkpointer: checkpointing.Ch
   _check_data_position(saved_position, step, experiment.config)
   logging.info("Resuming from %s at step %d.", checkpointer.directory, step)
   return state, step
-
-
-class TrainMetrics:
-  """The train metrics of the steps since the last log, kept on device until then.
-
-  ``add`` times the first step (compilation) on its own; ``summarize`` fetches the
-  means of loss, accuracy and gradient norm, the learning rate and the throughput
-  (``train/...`` scalars, also kept as ``last``), after checking that every step was
-  finite; ``check_finite`` raises :class:`NonFiniteLossError` naming the first
-  non-finite step.
-  """
-
-  def __init__(self, experiment: Experiment, start_step: int):
-    self._schedule = experiment.schedule
-    self._batch_size = experiment.config.batch_size
-    self._start_step = start_step
-    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
-    self.timer = progress.StepTimer(start_step)
-    self.last: dict[str, float] = {}
-
-  def add(self, step: int, metrics: dict[str, jax.Array],
-          console: progress.ProgressBar) -> None:
-    self._pending.append((step, metrics))
-    if step == self._start_step + 1:
-      jax.block_until_ready(metrics)
-      console.first_step_done(step, self.timer.first_step_seconds())
-
-  def check_finite(self) -> None:
-    _check_finite(self._pending)
-
-  def summarize(self, step: int) -> dict[str, float]:
-    self.check_finite()
-    host = jax.device_get([m for _, m in self._pending])
-    self._pending.clear()
-    scalars = {f"train/{k}": float(np.mean([m[k] for m in host]))
-               for k in ("loss", "accuracy", "grad_norm")}
-    scalars["train/learning_rate"] = float(self._schedule(step - 1))
-    rate = self.timer.steps_per_second(step)
-    if rate is not None:
-      scalars["train/steps_per_second"] = rate
-      scalars["train/images_per_second"] = rate * self._batch_size
-    self.last = scalars
-    return scalars
 
 
 def evaluate(config, workdir: str, checkpoint_step: int | None = None
@@ -507,7 +409,7 @@ def evaluate(config, workdir: str, checkpoint_step: int | None = None
   if parallel.is_main_process():
     path = os.path.join(workdir, checkpointing.EVALUATION_FILE)
     checkpointing.write_json(path, report)
-    print(_eval_line(step, results) + f"\nWrote {os.path.abspath(path)}", flush=True)
+    print(reporting.eval_line(step, results) + f"\nWrote {os.path.abspath(path)}", flush=True)
   return report
 
 
@@ -557,24 +459,3 @@ def _check_data_position(position: Mapping[str, Any] | None, step: int,
     raise WorkdirError(
         f"The checkpoint at step {step} records the data position {position}, "
         f"expected {expected}: its data stream does not match this config.")
-
-
-def _train_line(step: int, plan: run_plan.RunPlan, scalars: Mapping[str, float]) -> str:
-  values = "  ".join(f"{k}={_format(v)}" for k, v in scalars.items())
-  return (f"[step {step}/{plan.num_train_steps}, epoch {plan.epochs(step):.2f}] "
-          f"{values}")
-
-
-def _format(value: float) -> str:
-  return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-
-
-def _eval_line(step: int, results: Mapping[str, Mapping[str, float]]) -> str:
-  parts = []
-  for name, m in results.items():
-    top5 = f", top-5 {m['top5_accuracy']:.2%}" if "top5_accuracy" in m else ""
-    weights = "EMA weights" if name == "ema" else "weights"
-    parts.append(f"{weights}: loss {m['loss']:.4f}, top-1 {m['accuracy']:.2%}{top5} "
-                 f"on {m['num_examples']} examples")
-  return f"[step {step}] eval " + "; ".join(parts)
-

@@ -25,6 +25,7 @@ def pytest_configure(config):
 
 TINY_TFDS_NAME = "sasa_test_digits"
 TINY_TFDS_SPLITS = {"train": (0, 96), "test": (96, 136)}
+MANUAL_FILE = "sasa_test_manual.npz"  # What sasa_test_manual reads from its manual dir.
 
 
 def tiny_config(model_overrides=None, **overrides):
@@ -133,10 +134,12 @@ def _tiny_builder_classes():
                   "label": int(digits.target[i])}
 
   class SasaTestManual(tfds.core.GeneratorBasedBuilder):
-    """A dataset that needs a manual download (like imagenet2012)."""
+    """A dataset that needs a manual download (like imagenet2012): its examples are
+    read from ``MANUAL_FILE`` (``images`` uint8 (N, 8, 8, 1), ``labels`` (N,), saved
+    with ``np.savez``) in the manual dir."""
 
     VERSION = tfds.core.Version("1.0.0")
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Put sasa_test_manual.tar in the manual dir."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {MANUAL_FILE} in the manual dir."
 
     def _info(self):
       return tfds.core.DatasetInfo(
@@ -147,15 +150,34 @@ def _tiny_builder_classes():
           }))
 
     def _split_generators(self, dl_manager):
-      path = dl_manager.manual_dir / "sasa_test_manual.tar"
+      path = dl_manager.manual_dir / MANUAL_FILE
       if not path.exists():
         raise AssertionError(f"{path} not found. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-      return {"train": self._generate_examples()}
+      return {"train": self._generate_examples(path)}
+
+    def _generate_examples(self, path):
+      with np.load(path) as arrays:
+        for i, (image, label) in enumerate(zip(arrays["images"], arrays["labels"])):
+          yield i, {"image": image, "label": int(label)}
+
+  class SasaTestNeedsModule(tfds.core.GeneratorBasedBuilder):
+    """A dataset whose preparation imports a module that is not installed."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"label": tfds.features.ClassLabel(num_classes=2)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      import sasa_test_module_that_is_not_installed  # pylint: disable=g-import-not-at-top,unused-import
+      return {}
 
     def _generate_examples(self):
       yield from ()
 
-  _tiny_builder_classes.classes = (SasaTestDigits, SasaTestManual)
+  _tiny_builder_classes.classes = (SasaTestDigits, SasaTestManual, SasaTestNeedsModule)
   return _tiny_builder_classes.classes
 
 
@@ -167,14 +189,22 @@ def tiny_tfds_dir(tmp_path_factory) -> str:
   """
   pytest.importorskip("tensorflow")
   data_dir = tmp_path_factory.mktemp("tfds")
-  builder_cls, _ = _tiny_builder_classes()
+  builder_cls = _tiny_builder_classes()[0]
   builder_cls(data_dir=str(data_dir)).download_and_prepare(file_format="array_record")
   return str(data_dir)
 
 
 @pytest.fixture(scope="session")
 def manual_tfds_builder() -> str:
-  """The name of a registered TFDS dataset that needs a manual download."""
+  """The name of a registered TFDS dataset that needs a manual download
+  (:data:`MANUAL_FILE`)."""
   pytest.importorskip("tensorflow")
   _tiny_builder_classes()
   return "sasa_test_manual"
+
+
+@pytest.fixture(scope="session")
+def needs_module_tfds_builder() -> str:
+  """The name of a registered TFDS dataset whose preparation needs a missing module."""
+  _tiny_builder_classes()
+  return "sasa_test_needs_module"

@@ -1,13 +1,14 @@
-"""Input pipeline: sources, determinism, resuming, host sharding, eval coverage,
-augmentations, and the TFDS path on a real dataset built locally."""
+"""Input pipeline: determinism, resuming, host sharding, eval coverage, worker
+processes, and batches of a real TFDS dataset built locally."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from sasa_jax import datasets
 from sasa_jax import input_pipeline as ip
-from sasa_jax.errors import ConfigError, DatasetNotPreparedError
+from sasa_jax.errors import ConfigError
 
 
 class IndexSource:
@@ -26,23 +27,6 @@ class IndexSource:
 
 def _labels(batches):
   return np.stack([b["label"] for b in batches])
-
-
-def test_digits_splits_are_disjoint_real_digits(make_config):
-  train, test = ip.DigitsSource("train"), ip.DigitsSource("test")
-  assert (len(train), len(test)) == (1437, 360)
-  ex = train[0]
-  assert ex["image"].shape == (8, 8, 1) and ex["image"].dtype == np.uint8
-  assert ex["image"].max() <= 240
-  train_images = {train[i]["image"].tobytes() for i in range(len(train))}
-  test_images = [test[i]["image"].tobytes() for i in range(len(test))]
-  # load_digits has a few duplicate images; the index split keeps them rare.
-  assert sum(t in train_images for t in test_images) < 10
-  assert sorted({int(test[i]["label"]) for i in range(len(test))}) == list(range(10))
-  info = ip.get_dataset_info(make_config())
-  assert (info.num_classes, info.num_channels) == (10, 1)
-  with pytest.raises(ConfigError, match="splits"):
-    ip.DigitsSource("validation")
 
 
 def test_train_stream_is_deterministic_and_reshuffles_each_epoch(make_config):
@@ -111,61 +95,25 @@ def test_batch_not_divisible_by_hosts_is_a_clear_error(make_config):
                      process_count=4)
 
 
-def test_augmentations():
-  rng = np.random.default_rng(0)
-  image = np.arange(32 * 32 * 3, dtype=np.int64).reshape(32, 32, 3).astype(np.uint8)
-  crop = ip.pad_crop_flip(image, rng, 32)
-  assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
-  big = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
-  outs = [ip.inception_crop(big, np.random.default_rng(s), 24) for s in range(4)]
-  assert all(o.shape == (24, 24, 3) and o.dtype == np.uint8 for o in outs)
-  assert len({o.tobytes() for o in outs}) == 4  # Random crops differ.
-  marked = np.zeros((40, 60, 1), np.uint8)
-  marked[10:30, 20:40] = 200  # The central 20x20 square.
-  center = ip.center_crop(marked, 20, crop_fraction=0.5)
-  assert center.shape == (20, 20, 1) and center.min() == 200
-  x = ip.normalize_images(np.full((1, 2, 2, 3), 255, np.uint8), (0.5, 0.5, 0.5),
-                          (0.25, 0.25, 0.25))
-  np.testing.assert_allclose(np.asarray(x), 2.0)
-
-
 def test_tfds_dataset_built_locally(make_config, tiny_tfds_dir):
   config = make_config(dataset="sasa_test_digits", data_dir=tiny_tfds_dir,
                        batch_size=8, eval_batch_size=16, augmentation="cifar")
-  info = ip.get_dataset_info(config)
+  info = datasets.get_dataset_info(config)
   assert (info.num_classes, info.num_train_examples, info.num_eval_examples,
           info.num_channels) == (10, 96, 40, 1)
-  src = ip.create_source(config, "train")
+  src = datasets.create_source(config, "train")
   batches = ip.take(ip.train_iterator(src, config), 13)  # Over an epoch boundary.
   assert batches[0]["image"].shape == (8, 8, 8, 1)
   assert batches[0]["image"].dtype == np.uint8
   again = ip.take(ip.train_iterator(src, config, start_step=12), 1)[0]
   np.testing.assert_array_equal(again["image"], batches[12]["image"])
-  eval_src = ip.create_source(config, "test")
+  eval_src = datasets.create_source(config, "test")
   labels = np.concatenate([b["label"][b["mask"] == 1]
                            for b in ip.eval_iterator(eval_src, config)])
   expected = [int(eval_src[i]["label"]) for i in range(len(eval_src))]
   assert sorted(labels.tolist()) == sorted(expected)
   with pytest.raises(ConfigError, match=r"splits \['test', 'train'\]"):
-    ip.create_source(config, "validation")
-
-
-def test_unprepared_dataset_says_how_to_prepare_it(make_config, manual_tfds_builder,
-                                                   tmp_path):
-  config = make_config(dataset=manual_tfds_builder, data_dir=str(tmp_path))
-  with pytest.raises(DatasetNotPreparedError) as err:
-    ip.get_dataset_info(config)
-  message = str(err.value)
-  assert "could not be downloaded" in message and "manual" in message
-  assert f"tfds build {manual_tfds_builder}" in message and "--data_dir" in message
-  config.data_download = False
-  with pytest.raises(DatasetNotPreparedError, match="is not prepared"):
-    ip.get_dataset_info(config)
-
-
-def test_unknown_dataset_is_a_clear_error(make_config, tmp_path):
-  with pytest.raises(ConfigError, match="Unknown config.dataset='cifar_10'.*cifar10"):
-    ip.get_dataset_info(make_config(dataset="cifar_10", data_dir=str(tmp_path)))
+    datasets.create_source(config, "validation")
 
 
 def test_worker_processes_give_the_same_stream(make_config):

@@ -60,14 +60,31 @@ def test_translation_equivariance_away_from_borders(positional):
   np.testing.assert_allclose(shifted[:, 3:-1, 2:-1], out[:, 1:-3, 1:-2], rtol=1e-5, atol=1e-6)
 
 
-def test_absolute_positions_break_translation_equivariance():
-  x = images((1, 13, 12, 4))
+def test_absolute_positions_are_the_key_pixels_row_and_column_embeddings():
+  """The paper's formula with absolute positions, by hand: pixel (i, j) attends to the
+  (a, b) of its window inside the image with logit ``q_ij . (k_ab + [abs_h[a], abs_w[b]])
+  / sqrt(d)``; so shifting the image changes the output (no translation equivariance)."""
+  x = images((1, 5, 4, 6))
   module = layers.LocalSelfAttention(features=8, num_heads=2, kernel_size=3,
-                                     positional="absolute")
+                                     positional="absolute", max_size=7)
   variables, out = init_apply(module, x)
-  assert set(variables["params"]) == {"query", "key", "value", "abs_h", "abs_w"}
-  shifted = module.apply(variables, jnp.roll(x, (2, 1), axis=(1, 2)))
-  assert not np.allclose(shifted[:, 3:-1, 2:-1], out[:, 1:-3, 1:-2], atol=1e-4)
+  params = jax.tree.map(np.asarray, variables["params"])
+  assert {k: np.shape(v) for k, v in params.items() if k.startswith("abs")} == {
+      "abs_h": (7, 2), "abs_w": (7, 2)}
+  q, k, v = (np.einsum("bhwc,cnd->bhwnd", np.asarray(x), params[name]["kernel"])
+             for name in ("query", "key", "value"))
+  expected = np.zeros_like(q)
+  for i, j, n in np.ndindex(5, 4, 2):
+    window = [(a, b) for a in range(i - 1, i + 2) for b in range(j - 1, j + 2)
+              if 0 <= a < 5 and 0 <= b < 4]
+    logits = np.array([q[0, i, j, n] @ (k[0, a, b, n] + np.concatenate(
+        [params["abs_h"][a], params["abs_w"][b]])) / 2.0 for a, b in window])
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    expected[0, i, j, n] = sum(pa * v[0, a, b, n] for pa, (a, b) in zip(p, window))
+  np.testing.assert_allclose(out, expected.reshape(1, 5, 4, 8), rtol=1e-5, atol=1e-6)
+  shifted = module.apply(variables, jnp.roll(x, (1, 1), axis=(1, 2)))
+  assert rel_error(shifted[:, 2:-1, 2:-1], out[:, 1:-2, 1:-2]) > 1e-2
 
 
 def test_stride_two_is_attention_then_average_pooling():

@@ -283,20 +283,3 @@ def test_sgd_lowers_the_loss_on_a_fixed_batch(name):
   # BatchNorm of each block lets their gradients through after the first step).
   before, after = _paths(variables["params"]), _paths(params)
   assert [k for k in before if np.array_equal(before[k], after[k])] == []
-
-
-def test_jit_with_batch_sharded_over_devices_uses_global_batchnorm():
-  """Train mode under a data-parallel ``jax.jit`` equals the unsharded computation."""
-  model = models.create("sasa_tiny")
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  x = _images((2 * jax.device_count(), 8, 8, 1))
-  variables = _init(model, x)
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
-  sharded_x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-      "data")))
-  logits, updates = apply(variables, sharded_x)
-  expected_logits, expected_updates = apply(variables, x)
-  np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-4)
-  for got, want in zip(jax.tree_util.tree_leaves(updates),
-                       jax.tree_util.tree_leaves(expected_updates)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -129,12 +129,15 @@ def _state(workdir, num_steps: int):
 
 
 def _train_lines(output: str) -> dict[int, str]:
-  """``{step: "train/loss=... train/grad_norm=... train/learning_rate=..."}`` from the
-  console (4 significant digits; the timing metrics left out)."""
-  return {int(line[len("[step "):].split("/")[0]):
-          line.split("] ", 1)[1].split("  train/steps_per_second")[0]
-          for line in output.splitlines()
-          if line.startswith("[step ") and "train/loss=" in line}
+  """``{step: "loss=... accuracy=... grad_norm=... learning_rate=..."}`` from the console
+  lines (4 significant digits; the throughput left out)."""
+  lines = {}
+  for line in output.splitlines():
+    if line.startswith("[step ") and "] train " in line:
+      values = line.split("] train ", 1)[1].split()
+      lines[int(line[len("[step "):].split("/")[0])] = " ".join(
+          v for v in values if not v.startswith("images_per_second="))
+  return lines
 
 
 def _steps(workdir) -> list[int]:

@@ -16,6 +16,7 @@ import pytest
 from sasa_jax import checkpointing
 from sasa_jax import config_validation
 from sasa_jax import optimizers
+from sasa_jax import reporting
 from sasa_jax import run_plan
 from sasa_jax import training
 from sasa_jax.errors import ConfigError, NonFiniteLossError, WorkdirError
@@ -164,9 +165,9 @@ def test_non_finite_loss_names_the_step():
   ok = {"finite": jnp.array(True), "loss": jnp.array(1.0), "grad_norm": jnp.array(1.0)}
   bad = {"finite": jnp.array(False), "loss": jnp.array(jnp.nan),
          "grad_norm": jnp.array(jnp.inf)}
-  training._check_finite([(7, ok)])  # pylint: disable=protected-access
+  reporting.check_finite([(7, ok)])
   with pytest.raises(NonFiniteLossError, match="at step 8 .*no checkpoint"):
-    training._check_finite([(7, ok), (8, bad), (9, bad)])  # pylint: disable=protected-access
+    reporting.check_finite([(7, ok), (8, bad), (9, bad)])
 
 
 # ---------------------------------------------------------------------------

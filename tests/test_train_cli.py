@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
 
 import pytest
-from conftest import REPO, run_train_py
+from conftest import REPO, run_train_py, subprocess_env
 
 # A few steps of a narrower sasa_tiny, as command-line overrides.
 TINY = ("--config.model_overrides.width=8", "--config.batch_size=16",
@@ -30,7 +39,7 @@ def test_train_resume_evaluate_from_the_command_line(tmp_path, jax_compilation_c
   assert f"workdir: {workdir}" in out
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
   assert (workdir / "config.json").exists()
-  assert "train/loss=" in out and "] eval weights: loss" in out
+  assert "] train loss=" in out and "] eval weights: loss" in out
 
   # The same command with a longer run resumes at the saved step.
   out = _ok(run_train_py(*TINY, "--config.num_train_steps=4", cwd=tmp_path,
@@ -68,3 +77,77 @@ def test_bad_flags_are_clear_errors(tmp_path, args, message):
   assert result.returncode != 0
   assert message in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def _run_in_terminal(args, cwd, cache_dir, columns=120, timeout=300) -> str:
+  """Runs ``python train.py ARGS`` with its stdout and stderr on a pseudo-terminal of
+  ``columns`` columns (as in a researcher's shell); returns everything it wrote."""
+  master, slave = pty.openpty()
+  fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+  proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=cwd,
+                          stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                          env=subprocess_env(cache_dir, COLUMNS=str(columns)))
+  os.close(slave)
+  chunks, deadline = [], time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    ready, _, _ = select.select([master], [], [], 1.0)
+    if ready:
+      try:
+        chunk = os.read(master, 65536)
+      except OSError:  # EIO: the child closed the terminal.
+        break
+      if not chunk:
+        break
+      chunks.append(chunk)
+    elif proc.poll() is not None:
+      break
+  else:
+    proc.kill()
+  os.close(master)
+  output = b"".join(chunks).decode(errors="replace")
+  assert proc.wait(timeout=60) == 0, output[-3000:]
+  return output
+
+
+@pytest.mark.slow
+def test_console_in_a_terminal(tmp_path, jax_compilation_cache):
+  """In a 120-column terminal: the bar shows the step, img/s and the loss; metric and
+  log lines are printed above it, never glued onto it; the compile time is reported
+  once; a re-run with nothing left to train adds no TensorBoard event file."""
+  args = (*TINY, "--config.num_train_steps=6", f"--workdir={tmp_path / 'run'}")
+  output = _run_in_terminal(args, tmp_path, jax_compilation_cache)
+  segments = [s for line in output.split("\n") for s in line.split("\r")]
+  bars = [s for s in segments if re.search(r"train +\d+/6 ", s)]
+  assert any("img/s=" in s and "loss=" in s for s in bars), bars[-3:]
+  for s in bars:  # Whatever follows the bar on its line is only the bar's own redraw.
+    assert not re.search(r"\[step \d|[IWEF]\d{4} \d\d:\d\d", s), s
+  metric_lines = [s for s in segments if s.startswith("[step ") and "] train loss=" in s]
+  assert len(metric_lines) == 6 and all(len(s) <= 120 for s in metric_lines), metric_lines
+  assert output.count("(compiling the train step) took") == 1
+
+  events = os.listdir(tmp_path / "run" / "tensorboard")
+  again = _run_in_terminal(args, tmp_path, jax_compilation_cache)
+  assert "Already trained to step 6" in again
+  assert os.listdir(tmp_path / "run" / "tensorboard") == events
+
+
+SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_TFDS / "fashion_mnist").is_dir(),
+                    reason="../shared/data/tfds (real Fashion-MNIST) is not beside the repo")
+def test_a_real_tfds_dataset_through_command_line_overrides(tmp_path, jax_compilation_cache):
+  """``--config.data_dir`` (a None-default key) and the other data keys from the command
+  line, on the real Fashion-MNIST as TFDS prepared it, then evaluated."""
+  workdir = tmp_path / "run"
+  out = _ok(run_train_py(
+      *TINY, "--config.dataset=fashion_mnist", "--config.data_dir=../shared/data/tfds",
+      "--config.image_size=28", "--config.train_split=train[:64]",
+      "--config.eval_split=test[:240]", "--config.num_train_steps=2",
+      "--config.data_download=false", f"--workdir={workdir}", cwd=REPO,
+      cache_dir=jax_compilation_cache))
+  assert "Training sasa_tiny on fashion_mnist" in out
+  assert "on 240 examples" in out
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["data_dir"] == "../shared/data/tfds" and saved["image_size"] == 28

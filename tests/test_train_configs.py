@@ -3,10 +3,15 @@ ImageNet one carries the paper's recipe."""
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from absl import flags
 from configs import cifar10, default, imagenet
+from ml_collections import config_flags
 
 from sasa_jax import config_validation
 from sasa_jax import models
@@ -95,3 +100,37 @@ def test_unknown_config_argument_is_a_clear_error():
     imagenet.get_config("resnet101")
   with pytest.raises(AttributeError, match="weight_decay_on_bn"):
     default.get_config().weight_decay_on_bn = True
+
+
+# A command-line value of each type, and what it parses to.
+_SAMPLE_VALUES = {str: ("abc", "abc"), int: ("7", 7), float: ("0.25", 0.25),
+                  bool: ("false", False), tuple: ("(2,3)", (2, 3)),
+                  object: ("(3,5)", (3, 5))}
+
+
+def _leaf_types(config, prefix=""):
+  """``{'a.b': type}`` of every leaf key (placeholders included)."""
+  out = {}
+  for key in config.keys():
+    if isinstance(config[key], ml_collections.ConfigDict):
+      out.update(_leaf_types(config[key], f"{prefix}{key}."))
+    else:
+      out[prefix + key] = config.get_ref(key).get_type()
+  return out
+
+
+def test_every_config_key_can_be_overridden_on_the_command_line():
+  """One ``--config.<key>=<value>`` per key (``data_dir`` and the other None-default
+  placeholders included) parses into the config, as train.py's flag does."""
+  types = _leaf_types(default.get_config())
+  assert {"data_dir", "num_train_steps", "model_overrides.kernel_size"} <= set(types)
+  argv = ["train.py"] + [f"--config.{key}={_SAMPLE_VALUES[t][0]}"
+                         for key, t in types.items()]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", default.__file__, flag_values=flag_values,
+                                  sys_argv=argv)
+  flag_values(argv)
+  config = flag_values.config
+  for key, t in types.items():
+    value = functools.reduce(getattr, key.split("."), config)
+    assert value == _SAMPLE_VALUES[t][1], key

@@ -19,6 +19,7 @@ import pytest
 from conftest import REPO, subprocess_env, tiny_config
 
 from sasa_jax import checkpointing
+from sasa_jax import datasets
 from sasa_jax import input_pipeline as ip
 from sasa_jax import training
 from sasa_jax.errors import ConfigError, DataError, NonFiniteLossError, WorkdirError
@@ -126,8 +127,8 @@ class _Source:
 ])
 def test_bad_examples_are_clear_errors(example, message):
   config = tiny_config(batch_size=2, eval_batch_size=2)
-  info = ip.DatasetInfo("bad", num_classes=10, num_train_examples=2,
-                        num_eval_examples=2, num_channels=1)
+  info = datasets.DatasetInfo("bad", num_classes=10, num_train_examples=2,
+                              num_eval_examples=2, num_channels=1)
   good = {"image": np.zeros((8, 8, 1), np.uint8), "label": 0}
   source = _Source([good, example])
   with pytest.raises(DataError, match=message):
@@ -137,11 +138,11 @@ def test_bad_examples_are_clear_errors(example, message):
 
 
 def test_empty_split_is_a_clear_error(monkeypatch):
-  real = ip.create_source
-  monkeypatch.setattr(ip, "create_source", lambda config, split: (
+  real = datasets.create_source
+  monkeypatch.setattr(datasets, "create_source", lambda config, split: (
       _Source([]) if split == "test" else real(config, split)))
   with pytest.raises(ConfigError, match="'test' has 0.*must be non-empty"):
-    ip.get_dataset_info(tiny_config())
+    datasets.get_dataset_info(tiny_config())
 
 
 def _train_py(workdir, num_steps):
