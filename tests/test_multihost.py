@@ -166,6 +166,7 @@ def test_two_processes_train_the_run_of_one_through_a_kill_and_a_rerun(
     while not _steps(workdir) and time.monotonic() < deadline:
       assert run.procs[0].poll() is None, run.output(0)[-3000:]
       time.sleep(0.02)
+    assert _steps(workdir), f"no checkpoint in {_DEADLINE_SECONDS} s"
     run.procs[1].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     codes = run.wait()
