@@ -74,9 +74,26 @@ _TRACEBACK = flags.DEFINE_bool(
     "traceback", False, "On an error, show its traceback (and Orbax's error logs) "
     "instead of one `train.py: error:` line.")
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() first (one process per "
-    "host; the coordinator is auto-detected on TPU/SLURM/Kubernetes or read from "
-    "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).")
+    "multihost", False, "One of several processes (e.g. one per host): start "
+    "jax.distributed first. On Cloud TPU, SLURM, Open MPI and Kubernetes the "
+    "processes find each other; elsewhere give --coordinator_address, "
+    "--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, "
+    "JAX_NUM_PROCESSES, JAX_PROCESS_ID).")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "With --multihost: host:port of process 0 (the same "
+    "on every process). Default: $JAX_COORDINATOR_ADDRESS, or detected.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "With --multihost: the number of processes. Default: "
+    "$JAX_NUM_PROCESSES, or detected.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "With --multihost: this process's id, 0 to num_processes - 1. "
+    "Default: $JAX_PROCESS_ID, or detected.")
+_PROCESS_TIMEOUT = flags.DEFINE_integer(
+    "process_timeout_seconds", None, "With --multihost: how long the others wait for "
+    "a process that is lost (killed, host down) or failed before they stop too. "
+    "Default: 100.")
+_MULTIHOST_SETTINGS = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID,
+                       _PROCESS_TIMEOUT)
 
 
 def default_workdir(config_flag: str) -> str:
@@ -138,18 +155,21 @@ def main(argv):
     raise app.UsageError("--checkpoint_step is only used with --mode=evaluate.")
   if _RESTART_FROM_SCRATCH.value and _MODE.value != "train":
     raise app.UsageError("--restart_from_scratch is only used with --mode=train.")
+  multihost_flags = [f"--{f.name}" for f in _MULTIHOST_SETTINGS if f.present]
+  if multihost_flags and not _MULTIHOST.value:
+    raise app.UsageError(f"{', '.join(multihost_flags)}: only used with --multihost.")
   logging.get_absl_handler().addFilter(_LibraryLogFilter())
-  if _MULTIHOST.value:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    jax.distributed.initialize()
   # Imported here so that flag errors come before the (slower) JAX imports.
+  from sasa_jax import distributed  # pylint: disable=g-import-not-at-top
   from sasa_jax import training  # pylint: disable=g-import-not-at-top
 
   config_flag = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or default_workdir(config_flag)
   logging.info("Config %s, workdir %s", config_flag, os.path.abspath(workdir))
   try:
+    if _MULTIHOST.value:  # Before anything touches a device.
+      distributed.initialize(distributed.settings(
+          **{f.name: f.value for f in _MULTIHOST_SETTINGS}))
     if _MODE.value == "train":
       training.train_and_evaluate(_CONFIG.value, workdir,
                                   restart_from_scratch=_RESTART_FROM_SCRATCH.value)

@@ -28,6 +28,7 @@ from flax.training import train_state
 from sasa_jax import checkpointing
 from sasa_jax import config_validation
 from sasa_jax import datasets
+from sasa_jax import distributed
 from sasa_jax import input_pipeline
 from sasa_jax import models
 from sasa_jax import optimizers
@@ -192,6 +193,7 @@ class Experiment:
   """
 
   def __init__(self, config, workdir: str):
+    distributed.check_same_config(config)  # Before anything else the config steers.
     config_validation.validate_config(config)
     checkpointing.check_workdir(workdir)
     self.config = config
