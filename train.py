@@ -13,12 +13,21 @@ below only say what to do and where.
 
 import os
 import re
+import signal
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+# Light modules: the JAX imports come after the flags are parsed.
+from sasa_jax import errors
+from sasa_jax import sigterm
+
+# A SIGTERM from the start says what it stopped. Training installs its own handler;
+# with --multihost, jax.distributed's preemption service takes SIGTERM over.
+signal.signal(signal.SIGTERM, sigterm.exit_while_starting)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
@@ -57,10 +66,34 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
 _CHECKPOINT_STEP = flags.DEFINE_integer(
     "checkpoint_step", None, "With --mode=evaluate: the checkpoint step to "
     "evaluate (default: the latest).", lower_bound=0)
+_RESTART_FROM_SCRATCH = flags.DEFINE_bool(
+    "restart_from_scratch", False, "Train from step 0 in a workdir whose checkpoints "
+    "were all found damaged and moved to <workdir>/corrupt_checkpoints/ (such a "
+    "workdir is refused otherwise).")
+_TRACEBACK = flags.DEFINE_bool(
+    "traceback", False, "On an error, show its traceback (and Orbax's error logs) "
+    "instead of one `train.py: error:` line.")
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() first (one process per "
-    "host; the coordinator is auto-detected on TPU/SLURM/Kubernetes or read from "
-    "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).")
+    "multihost", False, "One of several processes (e.g. one per host): start "
+    "jax.distributed first. On Cloud TPU, SLURM, Open MPI and Kubernetes the "
+    "processes find each other; elsewhere give --coordinator_address, "
+    "--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, "
+    "JAX_NUM_PROCESSES, JAX_PROCESS_ID).")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "With --multihost: host:port of process 0 (the same "
+    "on every process). Default: $JAX_COORDINATOR_ADDRESS, or detected.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "With --multihost: the number of processes. Default: "
+    "$JAX_NUM_PROCESSES, or detected.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "With --multihost: this process's id, 0 to num_processes - 1. "
+    "Default: $JAX_PROCESS_ID, or detected.")
+_PROCESS_TIMEOUT = flags.DEFINE_integer(
+    "process_timeout_seconds", None, "With --multihost: how long the others wait for "
+    "a process that is lost (killed, host down) or failed before they stop too. "
+    "Default: 100.")
+_MULTIHOST_SETTINGS = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID,
+                       _PROCESS_TIMEOUT)
 
 
 def default_workdir(config_flag: str) -> str:
@@ -70,14 +103,39 @@ def default_workdir(config_flag: str) -> str:
   return os.path.join("workdirs", f"{name}_{arg}" if arg else name)
 
 
-class _LibraryInfoFilter:
-  """Drops INFO logs of Orbax, grain and JAX (very chatty); keeps their warnings."""
+class _LibraryLogFilter:
+  """Drops INFO logs of Orbax, grain and JAX (very chatty); keeps their warnings.
+  Without --traceback, drops the error logs of Orbax and of its asyncio tasks too:
+  the tracebacks of a failed save (hundreds of lines), which the run reports in its
+  one `train.py: error:` line."""
 
   _PATHS = ("/orbax/", "/grain/", "/jax/", "/jaxlib/")
+  _SAVE_ERROR_PATHS = ("/orbax/", "/asyncio/")
 
   def filter(self, record) -> bool:
+    if (record.levelno >= logging.converter.STANDARD_ERROR
+        and any(p in record.pathname for p in self._SAVE_ERROR_PATHS)):
+      return _TRACEBACK.value
     return (record.levelno >= logging.converter.STANDARD_WARNING
             or not any(p in record.pathname for p in self._PATHS))
+
+
+def _one_line(error: Exception) -> str:
+  """An error the user can fix, or one of the disk (an ``OSError``), in one line."""
+  if isinstance(error, OSError) and error.strerror:
+    where = f" ({error.filename})" if error.filename else ""
+    return (f"{error.strerror}{where}. Check the path and its disk (free space, "
+            f"permissions); --traceback shows where it happened.")
+  return str(error)
+
+
+def _exit_quietly(status: int) -> None:
+  """Exits with nothing more on stderr: the libraries' cleanup at exit can fail again
+  on the fault just reported (a full disk) and print tracebacks after the error line
+  (--traceback keeps them)."""
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, sys.stderr.fileno())
+  sys.exit(status)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -95,30 +153,38 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _CHECKPOINT_STEP.value is not None and _MODE.value != "evaluate":
     raise app.UsageError("--checkpoint_step is only used with --mode=evaluate.")
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-  if _MULTIHOST.value:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    jax.distributed.initialize()
+  if _RESTART_FROM_SCRATCH.value and _MODE.value != "train":
+    raise app.UsageError("--restart_from_scratch is only used with --mode=train.")
+  multihost_flags = [f"--{f.name}" for f in _MULTIHOST_SETTINGS if f.present]
+  if multihost_flags and not _MULTIHOST.value:
+    raise app.UsageError(f"{', '.join(multihost_flags)}: only used with --multihost.")
+  logging.get_absl_handler().addFilter(_LibraryLogFilter())
   # Imported here so that flag errors come before the (slower) JAX imports.
-  from sasa_jax import errors  # pylint: disable=g-import-not-at-top
+  from sasa_jax import distributed  # pylint: disable=g-import-not-at-top
   from sasa_jax import training  # pylint: disable=g-import-not-at-top
 
   config_flag = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or default_workdir(config_flag)
   logging.info("Config %s, workdir %s", config_flag, os.path.abspath(workdir))
   try:
+    if _MULTIHOST.value:  # Before anything touches a device.
+      distributed.initialize(distributed.settings(
+          **{f.name: f.value for f in _MULTIHOST_SETTINGS}))
     if _MODE.value == "train":
-      training.train_and_evaluate(_CONFIG.value, workdir)
+      training.train_and_evaluate(_CONFIG.value, workdir,
+                                  restart_from_scratch=_RESTART_FROM_SCRATCH.value)
     else:
-      # Without --config, evaluate with the config saved in the workdir.
+      # Without --config, evaluate with the config saved with the checkpoint.
       config = _CONFIG.value if flags.FLAGS["config"].present else None
       training.evaluate(config, workdir, checkpoint_step=_CHECKPOINT_STEP.value)
   except errors.TrainingInterrupted as e:  # SIGTERM: checkpointed, resumable.
     print(f"train.py: {e}", file=sys.stderr, flush=True)
     sys.exit(128 + 15)
-  except errors.Error as e:  # A problem the user can fix: no traceback.
-    sys.exit(f"train.py: error: {e}")
+  except (errors.Error, OSError) as e:  # A problem the user can fix: no traceback.
+    if _TRACEBACK.value:
+      raise
+    print(f"train.py: error: {_one_line(e)}", file=sys.stderr, flush=True)
+    _exit_quietly(1)
 
 
 if __name__ == "__main__":

@@ -177,13 +177,13 @@ def config_to_dict(config) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]
-                       ) -> dict[str, tuple[Any, Any]]:
-  """``{key: (saved, current)}`` for every top-level key whose value differs."""
+def config_differences(*configs: Mapping[str, Any]) -> dict[str, tuple[Any, ...]]:
+  """``{key: (its value in each config, ...)}`` for every top-level key whose value
+  is not the same in all of them (None where a config lacks the key)."""
   missing = object()
   out = {}
-  for key in sorted(set(saved) | set(current)):
-    a, b = saved.get(key, missing), current.get(key, missing)
-    if a != b:
-      out[key] = (None if a is missing else a, None if b is missing else b)
+  for key in sorted(set().union(*configs)):
+    values = [c.get(key, missing) for c in configs]
+    if any(v != values[0] for v in values[1:]):
+      out[key] = tuple(None if v is missing else v for v in values)
   return out

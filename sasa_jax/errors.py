@@ -13,6 +13,16 @@ class WorkdirError(Error, ValueError):
   """The workdir holds something else, a different run, or no checkpoint."""
 
 
+class CorruptCheckpointError(WorkdirError):
+  """A checkpoint that cannot be read back as it was saved: a file is missing or
+  unreadable, or an array's values no longer match the checksum saved with them."""
+
+
+class CheckpointSaveError(Error, RuntimeError):
+  """Writing a checkpoint failed (disk full, read-only, ...); the run stops and the
+  checkpoints saved before are kept."""
+
+
 class DatasetNotPreparedError(Error, RuntimeError):
   """A TFDS dataset is not prepared in ``data_dir`` and could not be prepared."""
 

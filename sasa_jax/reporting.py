@@ -68,7 +68,7 @@ class Reporter:
 
   def __exit__(self, *exc) -> None:
     self._console.__exit__(*exc)
-    self._writer.close()
+    self._writer.__exit__(*exc)  # A failed flush does not hide the error in flight.
 
   def train_step(self, step: int, metrics: dict[str, jax.Array], log: bool) -> None:
     self._pending.append((step, metrics))

@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from absl import logging
+
+from sasa_jax.errors import WorkdirError
+
 
 class MetricWriter:
   """Writes scalar and text summaries, with their step, to ``logdir``."""
@@ -42,12 +46,23 @@ class MetricWriter:
       self._summary_writer().add_text(tag, text, global_step=step)
 
   def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
+    """Writes the pending events; raises :class:`WorkdirError` if the disk refuses."""
+    writer, self._writer = self._writer, None
+    if writer is None:
+      return
+    try:
+      writer.close()
+    except OSError as e:
+      raise WorkdirError(f"Writing the TensorBoard events to {self.logdir} failed: "
+                         f"{e.strerror}.") from e
 
   def __enter__(self) -> "MetricWriter":
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, exc, tb) -> None:
+    try:
+      self.close()
+    except WorkdirError as e:
+      if exc is None:
+        raise
+      logging.warning("%s", e)  # The error that stopped the run comes first.

@@ -28,6 +28,7 @@ from flax.training import train_state
 from sasa_jax import checkpointing
 from sasa_jax import config_validation
 from sasa_jax import datasets
+from sasa_jax import distributed
 from sasa_jax import input_pipeline
 from sasa_jax import models
 from sasa_jax import optimizers
@@ -35,7 +36,9 @@ from sasa_jax import parallel
 from sasa_jax import preprocessing
 from sasa_jax import reporting
 from sasa_jax import run_plan
+from sasa_jax import sigterm
 from sasa_jax import summary_writer
+from sasa_jax import workdir_lock
 from sasa_jax.errors import ConfigError, TrainingInterrupted, WorkdirError
 
 # ``config.compute_dtype`` -> the model's computation dtype (parameters stay float32).
@@ -190,6 +193,7 @@ class Experiment:
   """
 
   def __init__(self, config, workdir: str):
+    distributed.check_same_config(config)  # Before anything else the config steers.
     config_validation.validate_config(config)
     checkpointing.check_workdir(workdir)
     self.config = config
@@ -252,12 +256,12 @@ class Experiment:
     finally:
       input_pipeline.close(host_batches)
 
-  def checkpointer(self, read_only: bool = False) -> checkpointing.Checkpointer:
+  def checkpointer(self) -> checkpointing.Checkpointer:
+    """The run's checkpoints, saved as the config says."""
     return checkpointing.Checkpointer(
         self.workdir, max_to_keep=self.config.max_to_keep,
         save_interval_steps=self.plan.checkpoint_every_steps,
-        async_checkpointing=self.config.async_checkpointing and not read_only,
-        read_only=read_only)
+        async_checkpointing=self.config.async_checkpointing)
 
   def metric_writer(self, start_step: int) -> summary_writer.MetricWriter:
     return summary_writer.MetricWriter(
@@ -300,29 +304,38 @@ def evaluate_model(eval_step_fn, variables, batches: Iterable[dict[str, np.ndarr
 # The two entry points.
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming from its newest valid checkpoint).
+def train_and_evaluate(config, workdir: str, *, restart_from_scratch: bool = False
+                       ) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming from its newest intact checkpoint).
 
-  SIGTERM checkpoints after the current step and raises ``TrainingInterrupted``.
+  One run per workdir: the workdir's lock is held throughout. A SIGTERM while
+  setting up (until the input pipeline starts) exits at once, saying so; later, the
+  run checkpoints after the current step, then raises ``TrainingInterrupted``. A
+  failed checkpoint save raises ``CheckpointSaveError`` at the next step.
+  ``restart_from_scratch``: train from step 0 in a workdir whose checkpoints were all
+  found damaged and moved aside (refused otherwise).
 
   Returns ``{'step', 'start_step', 'train': last logged train metrics, 'eval': last
   eval metrics (of the EMA weights when ``ema_decay > 0``), 'eval_params'}``.
   """
-  experiment = Experiment(config, workdir)
-  checkpointing.check_config_matches(workdir, config)
-  plan = experiment.plan
   with contextlib.ExitStack() as stack:
+    stop = stack.enter_context(_StopOnSigterm())
+    experiment = Experiment(config, workdir)
+    plan = experiment.plan
+    stack.enter_context(workdir_lock.WorkdirLock(workdir))
     checkpointer = stack.enter_context(experiment.checkpointer())
-    state, start_step = restore_or_initialize(experiment, checkpointer)
+    state, start_step = restore_or_initialize(experiment, checkpointer,
+                                              restart_from_scratch)
     checkpointing.save_config(workdir, config)
     report = stack.enter_context(reporting.Reporter(experiment, start_step))
     train_step_fn = experiment.jitted_train_step()
     eval_step_fn = experiment.jitted_eval_step()
     eval_source = experiment.source(config.eval_split)
+    stop.training_started(checkpointer)  # Before grain starts any worker process.
     batches = stack.enter_context(experiment.train_batches(start_step))
-    stop = stack.enter_context(_StopOnSigterm(checkpointer))
     for step in range(start_step + 1, plan.num_train_steps + 1):
       state, metrics = train_step_fn(state, next(batches))
+      checkpointer.check_saved()  # A failed save stops the run here.
       is_last = step == plan.num_train_steps
       report.train_step(step, metrics, log=step % config.log_every_steps == 0 or is_last)
       if step % plan.eval_every_steps == 0 or is_last:
@@ -332,7 +345,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       stopping = stop.requested(step)
       if is_last or stopping or checkpointer.should_save(step):
         report.check_finite()  # A non-finite state is never checkpointed.
-        checkpointer.save(step, state, data_position(step, config))
+        checkpointer.save(step, state, data_position(step, config), config)
       if stopping and not is_last:
         checkpointer.wait_until_finished()
         raise TrainingInterrupted(
@@ -347,13 +360,30 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   return report.summary(start_step)
 
 
-def restore_or_initialize(experiment: Experiment, checkpointer: checkpointing.Checkpointer
-                          ) -> tuple[TrainState, int]:
-  """The newest readable checkpoint's state and step, or a new state at step 0."""
-  restored = checkpointer.restore_latest(experiment.abstract_state())
+def restore_or_initialize(experiment: Experiment, checkpointer: checkpointing.Checkpointer,
+                          restart_from_scratch: bool = False) -> tuple[TrainState, int]:
+  """The newest intact checkpoint's state and step, or a new state at step 0.
+
+  A workdir whose checkpoints were all moved aside as damaged (by this run or an
+  earlier one) starts from step 0 only with ``restart_from_scratch``, which is
+  refused where an intact checkpoint exists (nothing is ever thrown away).
+  """
+  restored = checkpointer.restore_latest(experiment.abstract_state(), experiment.config)
   if restored is None:
+    damaged = checkpointer.set_aside()
+    if damaged and not restart_from_scratch:
+      raise WorkdirError(
+          f"workdir={experiment.workdir!r} has no intact checkpoint: the damaged ones "
+          f"({', '.join(damaged)}) were moved to {checkpointer.corrupt_directory}. "
+          f"Pass --restart_from_scratch to train from step 0 in this workdir anyway "
+          f"(they stay there), or use another workdir.")
     return experiment.initial_state(), 0
   step, state, saved_position = restored
+  if restart_from_scratch:
+    raise WorkdirError(
+        f"--restart_from_scratch: workdir={experiment.workdir!r} holds an intact "
+        f"checkpoint (step {step}) to resume from; it only starts over when all of its "
+        f"checkpoints were moved aside. Use another workdir to start over.")
   _check_data_position(saved_position, step, experiment.config)
   logging.info("Resuming from %s at step %d.", checkpointer.directory, step)
   return state, step
@@ -361,42 +391,39 @@ def restore_or_initialize(experiment: Experiment, checkpointer: checkpointing.Ch
 
 def evaluate(config, workdir: str, checkpoint_step: int | None = None
              ) -> dict[str, Any]:
-  """Restores a checkpoint of ``workdir`` (the latest, or ``checkpoint_step``),
-  evaluates it on ``config.eval_split`` and writes ``<workdir>/evaluation.json``.
+  """Restores a checkpoint of ``workdir`` (the newest intact one, or
+  ``checkpoint_step``), evaluates it on ``config.eval_split``, prints the metrics and
+  writes them to ``<workdir>/evaluation.json``.
 
-  ``config=None`` uses the config saved in the workdir. The top-level metrics are
-  those of the EMA weights when the run keeps an EMA (the paper's), else of the
-  raw weights; both are in the file.
+  ``config=None`` uses the config saved with the checkpoint. The top-level metrics
+  are those of the EMA weights when the run keeps an EMA (the paper's), else of the
+  raw weights; both are in the file. Nothing in the workdir changes but that file.
   """
   if not os.path.isdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)):
     raise WorkdirError(
         f"workdir={workdir!r} holds no checkpoints to evaluate; train first with "
         f"`python train.py --config=... --workdir={workdir}`.")
-  if config is None:
-    saved = checkpointing.load_config_dict(workdir)
-    if saved is None:
-      raise WorkdirError(
-          f"workdir={workdir!r} has no {checkpointing.CONFIG_FILE}; pass --config.")
-    import ml_collections  # pylint: disable=g-import-not-at-top
-
-    config = ml_collections.ConfigDict(saved).lock()
-  experiment = Experiment(config, workdir)
-  checkpointing.check_config_matches(workdir, config)
-  with experiment.checkpointer(read_only=True) as checkpointer:
+  with checkpointing.Checkpointer(workdir, read_only=True) as checkpointer:
     steps = checkpointer.all_steps()
     if not steps:
       raise WorkdirError(
           f"workdir={workdir!r} holds no checkpoints to evaluate; train first.")
+    if checkpoint_step is not None and checkpoint_step not in steps:
+      raise ConfigError(f"--checkpoint_step={checkpoint_step}: no such checkpoint "
+                        f"in {checkpointer.directory}; available steps: {steps}.")
+    if config is None:
+      config = _saved_config(checkpointer, checkpoint_step)
+    experiment = Experiment(config, workdir)
     abstract_state = experiment.abstract_state()
-    if checkpoint_step is None:  # The newest readable one.
-      step, state, _ = checkpointer.restore_latest(abstract_state)
+    if checkpoint_step is None:
+      restored = checkpointer.restore_latest(abstract_state, config)
+      if restored is None:
+        raise WorkdirError(f"No intact checkpoint to evaluate in "
+                           f"{checkpointer.directory} (see the warnings above).")
+      step, state, _ = restored
     else:
-      if checkpoint_step not in steps:
-        raise ConfigError(f"--checkpoint_step={checkpoint_step}: no such checkpoint "
-                          f"in {checkpointer.directory}; available steps: {steps}.")
       step = checkpoint_step
-      checkpointer.check_compatible(step, abstract_state)
-      state = checkpointer.restore_state(step, abstract_state)
+      state, _ = checkpointer.restore_checked(step, abstract_state, config)
   results = experiment.evaluate(state, experiment.source(config.eval_split),
                                 experiment.jitted_eval_step())
   main = results.get("ema", results["params"])
@@ -405,22 +432,42 @@ def evaluate(config, workdir: str, checkpoint_step: int | None = None
             "model": config.model, "dataset": config.dataset,
             "split": config.eval_split, "metrics": results}
   if parallel.is_main_process():
-    path = os.path.join(workdir, checkpointing.EVALUATION_FILE)
-    checkpointing.write_json(path, report)
-    print(reporting.eval_line(step, results) + f"\nWrote {os.path.abspath(path)}", flush=True)
+    print(reporting.eval_line(step, results), flush=True)  # Before writing: never lost.
+    path = os.path.abspath(os.path.join(workdir, checkpointing.EVALUATION_FILE))
+    try:
+      checkpointing.write_json(path, report)
+    except OSError as e:
+      raise WorkdirError(f"Could not write {path}: {e.strerror}. The metrics are "
+                         f"printed above.") from e
+    print(f"Wrote {path}", flush=True)
   return report
 
 
-class _StopOnSigterm:
-  """Turns SIGTERM (preemption, `kill`) into "checkpoint after this step and stop".
+def _saved_config(checkpointer: checkpointing.Checkpointer, step: int | None):
+  """The config saved with checkpoint ``step`` (None: the newest readable one)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
 
-  With several processes all of them must stop at the same step: JAX's preemption
-  sync point (``jax.distributed``'s preemption service catches SIGTERM), which Orbax's
+  saved = (checkpointer.newest_config() if step is None
+           else checkpointer.saved_config(step))
+  if saved is None:
+    raise WorkdirError(f"No checkpoint in {checkpointer.directory} has a readable "
+                       f"config; pass --config.")
+  return ml_collections.ConfigDict(saved).lock()
+
+
+class _StopOnSigterm:
+  """Turns SIGTERM (preemption, `kill`) into a clean stop.
+
+  Before ``training_started``, while the run sets up (dataset, lock, restore), there
+  is nothing to save: the process exits at once (``sigterm.exit_while_starting``).
+  From then on, the run checkpoints after the current step and stops. With several
+  processes all of them must stop at the same step: JAX's preemption sync point
+  (``jax.distributed``'s preemption service catches SIGTERM), which Orbax's
   ``reached_preemption`` reads, decides.
   """
 
-  def __init__(self, checkpointer: checkpointing.Checkpointer):
-    self._checkpointer = checkpointer
+  def __init__(self):
+    self._checkpointer: checkpointing.Checkpointer | None = None
     self._signalled = False
     self._previous = None
 
@@ -435,7 +482,13 @@ class _StopOnSigterm:
 
   def _handle(self, signum, frame) -> None:
     del signum, frame
+    if self._checkpointer is None:
+      sigterm.exit_while_starting()
     self._signalled = True
+
+  def training_started(self, checkpointer: checkpointing.Checkpointer) -> None:
+    """From now on, a SIGTERM stops after the current step (see ``requested``)."""
+    self._checkpointer = checkpointer
 
   def requested(self, step: int) -> bool:
     if jax.process_count() > 1:

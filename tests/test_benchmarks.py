@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from benchmarks import accuracy, layers, models
+from benchmarks import accuracy, checkpoint, input_pipeline, layers, models
 
 
 def test_models_benchmark_prints_its_table(capsys):
@@ -16,6 +16,15 @@ def test_models_benchmark_prints_its_table(capsys):
   rows = [line for line in out.splitlines() if line.startswith("| 8×8 |")]
   assert [row.split("|")[4].strip() for row in rows] == ["resnet_tiny", "sasa_tiny"]
   assert all("| bfloat16 |" in row for row in rows)
+
+
+def test_input_pipeline_benchmark_times_one_and_two_processes(capsys):
+  assert input_pipeline.main(["--dataset", "digits", "--batch", "16", "--batches", "2",
+                              "--repeats", "1"]) == 0
+  out = capsys.readouterr().out
+  rows = [line.split(" | ") for line in out.splitlines() if re.match(r"\| [12] \|", line)]
+  assert [(row[0], row[1]) for row in rows] == [("| 1", "16"), ("| 2", "8")]
+  assert len(rows[1][2].split(" / ")) == 2  # Each of the two processes' images/s.
 
 
 def test_accuracy_check_prints_errors_and_fails_above_its_bound(capsys):
@@ -56,3 +65,14 @@ def test_crossover_table_names_the_fastest_and_flags_a_default_that_is_not():
   assert "C=64 (d=8)" in table and "C=256 (d=32)" in table
   assert "dense* / shifted; 1.25" in table  # dense ÷ the faster windowed one (shifted)
   assert "dense / dense; **0.46**" in table  # dense faster: bold, default not flagged
+
+
+def test_checkpoint_benchmark_times_saves_with_and_without_checksums(capsys, tmp_path):
+  assert checkpoint.main(["--model", "sasa_tiny", "--repeats", "1",
+                          "--dir", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert "sasa_tiny: 94 arrays" in out and "checksums compiled in" in out
+  rows = [line for line in out.splitlines() if line.startswith("| ")][2:]
+  assert [row.split("|")[1].strip() for row in rows] == [
+      "checksums alone", "save (synchronous, to disk)", "async save, blocking part"]
+  assert all(re.search(r"\| [\d.]+× \|$", row) for row in rows[1:]), rows

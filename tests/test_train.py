@@ -80,12 +80,17 @@ def test_workdir_holding_something_else(make_config, tmp_path):
 
 
 def test_workdir_of_another_experiment(make_config, tmp_path):
-  checkpointing.save_config(str(tmp_path), make_config(model="resnet_tiny"))
-  checkpointing.check_config_matches(str(tmp_path), make_config(model="resnet_tiny",
-                                                                num_train_steps=9))
+  saved = make_config(model="resnet_tiny")  # A checkpoint of another run, no config.json.
+  with checkpointing.Checkpointer(str(tmp_path), async_checkpointing=False) as ckpt:
+    # Its config is read first: the state (a stand-in here) is never reached.
+    ckpt.save(2, {"w": jnp.zeros(3)}, training.data_position(2, saved), saved)
+  checkpointing.check_config_matches(  # Loop settings may change.
+      config_validation.config_to_dict(saved),
+      make_config(model="resnet_tiny", num_train_steps=9), "the checkpoint")
   with pytest.raises(WorkdirError) as err:
     training.train_and_evaluate(make_config(base_learning_rate=0.5), str(tmp_path))
   message = str(err.value)
+  assert "differs from the one saved with the checkpoint of step 2" in message
   assert "model: saved='resnet_tiny', now='sasa_tiny'" in message
   assert "base_learning_rate: saved=0.4, now=0.5" in message
   assert "num_train_steps" not in message  # Loop settings may change on resume.
@@ -195,7 +200,8 @@ def test_train_resume_evaluate_in_process(make_config, tmp_path):
   ckpt_dir = os.path.join(straight_dir, "checkpoints")
   assert sorted(os.listdir(ckpt_dir), key=int) == ["2", "4", "6"]
   assert os.listdir(os.path.join(straight_dir, "tensorboard"))
-  assert checkpointing.load_config_dict(straight_dir)["num_train_steps"] == 6
+  with open(os.path.join(straight_dir, "config.json")) as f:
+    assert json.load(f)["num_train_steps"] == 6
   assert np.isfinite(straight["train"]["train/loss"])
   assert straight["eval"]["num_examples"] == 360
 

@@ -65,6 +65,8 @@ def test_train_resume_evaluate_from_the_command_line(tmp_path, jax_compilation_c
     (("--config.batch_size=many",), "--config.batch_size=many"),
     (("--mode=fit",), "value should be one of <train|evaluate>"),
     (("--checkpoint_step=3",), "--checkpoint_step is only used with --mode=evaluate"),
+    (("--mode=evaluate", "--restart_from_scratch"),
+     "--restart_from_scratch is only used with --mode=train"),
     (("--config={repo}/configs/imagenet.py:resnet99",),
      "configs/imagenet.py: model must be one of"),
     (("--mode=evaluate", "--workdir={tmp}"), "holds no checkpoints to evaluate"),
@@ -77,6 +79,16 @@ def test_bad_flags_are_clear_errors(tmp_path, args, message):
   assert result.returncode != 0
   assert message in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_traceback_flag_shows_where_an_error_happened(tmp_path):
+  plain = run_train_py("--mode=evaluate", f"--workdir={tmp_path}", cwd=tmp_path)
+  assert plain.stderr.strip().splitlines()[-1].startswith("train.py: error: workdir=")
+  assert "Traceback" not in plain.stderr
+  shown = run_train_py("--mode=evaluate", f"--workdir={tmp_path}", "--traceback",
+                       cwd=tmp_path)
+  assert shown.returncode == 1 and "Traceback (most recent call last)" in shown.stderr
+  assert "sasa_jax.errors.WorkdirError: workdir=" in shown.stderr
 
 
 def _run_in_terminal(args, cwd, cache_dir, columns=120, timeout=300) -> str:

@@ -70,7 +70,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_valid(six_steps, tmp
         f.write(b"\x00garbage")
   with caplog.at_level(logging.WARNING):
     summary = training.train_and_evaluate(config, str(workdir))
-  assert "Checkpoint at step 6" in caplog.text and "unreadable" in caplog.text
+  damaged = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+  assert len(damaged) == 1 and damaged[0].startswith(
+      f"The checkpoint at step 6 in {workdir / 'checkpoints'} is damaged (state/ "
+      f"metadata: Expecting value: line 1 column 1"), damaged
+  assert f"Moved it to {workdir / 'corrupt_checkpoints'}/6-" in damaged[0]
   assert summary["start_step"] == 4 and summary["step"] == 6
   assert [d.split("-")[0] for d in os.listdir(workdir / "corrupt_checkpoints")] == ["6"]
   _assert_same_state(_state(reference, config, 6), _state(workdir, config, 6))
@@ -81,17 +85,27 @@ def test_checkpoints_of_another_model_are_refused_before_any_step(six_steps, tmp
   config, reference, _ = six_steps
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
-  os.remove(workdir / "config.json")  # Only the checkpoints can tell.
+  os.remove(workdir / "config.json")  # The checkpoints know their config.
   wider = tiny_config(num_train_steps=6, model_overrides={"width": 16})
   with pytest.raises(WorkdirError) as err:
     training.train_and_evaluate(wider, str(workdir))
   message = str(err.value)
+  assert message.startswith("This config differs from the one saved with the "
+                            f"checkpoint of step 6 in {workdir / 'checkpoints'}:")
+  assert "model_overrides: saved=" in message and "'width': 8" in message
+  assert _steps(workdir) == [2, 4, 6]  # Nothing was trained, moved or deleted.
+  with pytest.raises(WorkdirError, match="saved with the checkpoint of step 4"):
+    training.evaluate(wider, str(workdir), checkpoint_step=4)
+
+  # Arrays that do not match the model under the same config (its code changed).
+  reader = checkpointing.Checkpointer(str(workdir), read_only=True)
+  with pytest.raises(WorkdirError) as err:
+    reader.check_compatible(6, training.Experiment(wider, str(workdir)).abstract_state())
+  reader.close()
+  message = str(err.value)
   assert "written by a different model or optimizer" in message
   assert "different shape/dtype (checkpoint -> config)" in message
   assert "params.head.kernel: ((64, 10), 'float32') -> ((128, 10), 'float32')" in message
-  assert _steps(workdir) == [2, 4, 6]  # Nothing was trained, moved or deleted.
-  with pytest.raises(WorkdirError, match="different model"):
-    training.evaluate(wider, str(workdir), checkpoint_step=4)
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
