@@ -90,8 +90,8 @@ _PROCESS_ID = flags.DEFINE_integer(
     "Default: $JAX_PROCESS_ID, or detected.")
 _PROCESS_TIMEOUT = flags.DEFINE_integer(
     "process_timeout_seconds", None, "With --multihost: how long the others wait for "
-    "a process that is lost (killed, host down) or failed before they stop too. "
-    "Default: 100.")
+    "a process that is lost (killed, host down) before they stop too; a process that "
+    "failed waits twice as long for the others. Default: 100.")
 _MULTIHOST_SETTINGS = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID,
                        _PROCESS_TIMEOUT)
 

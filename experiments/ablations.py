@@ -40,7 +40,7 @@ if _REPO not in sys.path:  # `configs` lives beside the package, as for train.py
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import fashion_mnist
 from experiments import report
-from sasa_jax import checkpointing, datasets, errors, models, training
+from sasa_jax import checkpointing, config_validation, datasets, errors, models, training
 from sasa_jax.models import flops
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -125,20 +125,22 @@ def train(config, workdir: str) -> dict[str, Any]:
       "seconds": time.perf_counter() - start,
       "eval": summary["eval"],
       **flops.count(training.create_model(config, info.num_classes), shape, train=False),
+      "config": config_validation.config_to_dict(config),
   }
   checkpointing.write_json(os.path.join(workdir, RESULT_FILE), result)
   return result
 
 
 def finished(config, workdir: str) -> dict[str, Any] | None:
-  """The ``result.json`` of a finished run of ``config`` (None if it has none); a run
-  dir that holds another config is an error (``checkpointing.check_config_matches``)."""
-  checkpointing.check_config_matches(workdir, config)
+  """The ``result.json`` of a finished run of ``config`` (None if it has none); one
+  written with another config is an error (``checkpointing.check_config_matches``)."""
   path = os.path.join(workdir, RESULT_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    result = json.load(f)
+  checkpointing.check_config_matches(result["config"], config, path)
+  return result
 
 
 def _enable_compilation_cache(directory: str) -> None:

@@ -18,9 +18,11 @@ Faults: every process sends heartbeats to the coordinator. When one is lost (kil
 host down) and has been silent for ``process_timeout_seconds``, JAX stops all the others
 ("The following tasks are unhealthy (stopped sending heartbeats): <process ids>", exit
 status 134); when the coordinator itself (process 0) is lost, the others stop at once
-("the leader task ... died"). A process that stops with an error waits at most as long
-for the others (JAX's shutdown barrier), then all stop. Re-running every process resumes
-from the last complete checkpoint.
+("the leader task ... died"). A process that stops with an error waits for the others at
+JAX's shutdown barrier for at most twice that time, then all stop: longer than the
+heartbeat timeout, so that a lost process is always named by the heartbeat check rather
+than reported as a barrier timeout. Re-running every process resumes from the last
+complete checkpoint.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class Settings:
     num_processes: how many processes the run has (>= 1).
     process_id: this process's id in ``[0, num_processes)``.
     process_timeout_seconds: how long the others wait for a process that is lost
-      (no heartbeat) or has stopped with an error before they stop too.
+      (no heartbeat) before they stop too; a process that stops with an error waits
+      twice as long for the others at the shutdown barrier.
     sources: for messages, where each value came from (``'--num_processes'`` or
       ``'JAX_NUM_PROCESSES'``).
   """
@@ -147,7 +150,7 @@ def initialize(s: Settings) -> None:
     jax.distributed.initialize(
         s.coordinator_address, s.num_processes, s.process_id,
         heartbeat_timeout_seconds=s.process_timeout_seconds,
-        shutdown_timeout_seconds=s.process_timeout_seconds)
+        shutdown_timeout_seconds=2 * s.process_timeout_seconds)
   except ValueError as e:  # JAX's "... must be defined": no cluster completed them.
     if not missing:
       raise

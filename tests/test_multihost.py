@@ -175,7 +175,9 @@ def test_two_processes_train_the_run_of_one_through_a_kill_and_a_rerun(
   assert codes[1] == -signal.SIGKILL and codes[0] != 0, survivor[-3000:]
   # JAX's heartbeat check names the lost process, after the timeout (+ slack for a
   # loaded machine).
-  assert "Task 1 heartbeat timeout" in survivor, survivor[-3000:]
+  assert "Task 1 heartbeat timeout" in survivor, "\n".join(
+      line[:400] for line in survivor.splitlines()
+      if "ask" in line or "rror" in line or "arrier" in line)
   assert stopped_after < _PROCESS_TIMEOUT + 50
   interrupted_at = _steps(workdir)[-1]
   assert every <= interrupted_at < num_steps
