@@ -147,10 +147,10 @@ def test_model_overrides_hold_every_resnet_field():
 
 def test_fashion_mnist_recipe():
   """The paper's recipe scaled down: Nesterov SGD, warm-up then cosine, label smoothing,
-  weight decay (off BatchNorm/bias), pad-crop + flip; the three 28x28 models."""
+  weight decay (off BatchNorm/bias), random flips; the three 28x28 models."""
   c = fashion_mnist.get_config()
   assert (c.dataset, c.model, c.image_size, c.augmentation) == (
-      "fashion_mnist", "sasa_fmnist", 28, "cifar")
+      "fashion_mnist", "sasa_fmnist", 28, "flip")
   assert (c.optimizer, c.nesterov, c.lr_schedule) == ("sgd", True, "cosine")
   assert c.warmup_epochs > 0 and c.label_smoothing == 0.1 and c.weight_decay > 0
   for name in fashion_mnist.MODELS:
