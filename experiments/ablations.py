@@ -103,6 +103,13 @@ def variant_runs(ablation, variant, runs: Mapping[str, Mapping[str, Any]]) -> li
           {k: v for k, v in overrides.items() if k != "seed"} == key]
 
 
+def group_runs(ablations: Sequence[Any], runs: Mapping[str, Mapping[str, Any]]
+               ) -> dict[str, dict[str, list[str]]]:
+  """``{ablation name: {variant label: its run names}}`` among ``runs``."""
+  return {a.name: {v.label: variant_runs(a, v, runs) for v in a.variants}
+          for a in ablations}
+
+
 def run_config(overrides: Mapping[str, Any], budget: Mapping[str, Any],
                data_dir: str | None):
   """``fashion_mnist.get_config()`` with ``budget``, then ``overrides`` (dotted keys)."""
@@ -186,10 +193,8 @@ def main(argv):
   except errors.Error as e:
     sys.exit(f"experiments.ablations: error: {e}")
   command = "python -m experiments.ablations " + " ".join(map(shlex.quote, sys.argv[1:]))
-  groups = {a.name: {v.label: variant_runs(a, v, runs) for v in a.variants}
-            for a in ablations}
-  path = report.write(workdir, ablations, groups, results, preset=preset, budget=budget,
-                      command=command)
+  path = report.write(workdir, ablations, group_runs(ablations, runs), results,
+                      preset=preset, budget=budget, command=command)
   print(f"Wrote {os.path.abspath(path)}", flush=True)
 
 

@@ -5,7 +5,8 @@ Training augmentations (``config.augmentation``): ``'none'``; ``'flip'``, a rand
 horizontal flip (for centred, size-normalised images such as Fashion-MNIST's);
 ``'cifar'``, zero-pad 4, random crop back to the size, random horizontal flip;
 ``'inception'``, a random-resized crop (Szegedy et al. 2015) and flip. Evaluation
-(``config.eval_preprocessing``): ``'none'``, or ``'center_crop'``, a central crop resized to ``config.image_size``.
+(``config.eval_preprocessing``): ``'none'``, or ``'center_crop'``, a central crop
+resized to ``config.image_size``.
 :class:`TrainPreprocess` and :class:`EvalPreprocess` are the picklable grain maps that
 apply them; every example is then checked against what the model takes
 (:class:`ExampleSpec`). Images stay ``uint8`` until they reach the device, where

@@ -22,9 +22,7 @@ SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
 
 def _groups(max_seeds=None):
   runs = ablations.sweep_runs(fashion_mnist.ABLATIONS, max_seeds)
-  groups = {a.name: {v.label: ablations.variant_runs(a, v, runs) for v in a.variants}
-            for a in fashion_mnist.ABLATIONS}
-  return runs, groups
+  return runs, ablations.group_runs(fashion_mnist.ABLATIONS, runs)
 
 
 def test_the_sweep_covers_the_papers_comparisons_with_shared_runs():
