@@ -12,22 +12,19 @@ below only say what to do and where.
 """
 
 import os
-import re
 import signal
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 # Light modules: the JAX imports come after the flags are parsed.
 from sasa_jax import errors
-from sasa_jax import sigterm
+from sasa_jax.workdir import signals
 
 # A SIGTERM from the start says what it stopped. Training installs its own handler;
 # with --multihost, jax.distributed's preemption service takes SIGTERM over.
-signal.signal(signal.SIGTERM, sigterm.exit_while_starting)
+signal.signal(signal.SIGTERM, signals.exit_while_starting)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
@@ -37,16 +34,23 @@ if _HERE not in sys.path:  # Configs import each other as `from configs import .
 
 
 def _exit_on_unknown_key(error: AttributeError | KeyError) -> None:
-  """A config key that does not exist surfaces from ml_collections as an AttributeError
-  or KeyError naming it, with a suggestion: one ``train.py: error:`` line."""
-  text = str(error.args[0] if error.args else error)
-  suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-  if suggestion:
-    sys.exit(f"train.py: error: unknown config key {suggestion[2]!r} (did you mean "
-             f"{suggestion[1]!r}?)")
-  key = re.search(r"[\w.]+", text)
-  sys.exit(f"train.py: error: unknown config key {key[0] if key else text!r}; "
-           f"configs/default.py lists every key.")
+  """ml_collections refuses a config key that does not exist with an AttributeError or
+  KeyError: one ``train.py: error:`` line naming the ``--config.<key>`` overrides that
+  no declared key matches, with the closest keys."""
+  from sasa_jax.config import keys  # pylint: disable=g-import-not-at-top
+
+  overrides = [arg[len("--config."):].split("=")[0] for arg in sys.argv[1:]
+               if arg.startswith("--config.")]
+  unknown = [path for path in overrides if path not in keys.paths()]
+  if not unknown:  # Not an override: e.g. a config file that sets an unknown key.
+    sys.exit(f"train.py: error: {error.args[0] if error.args else error}")
+  problems = []
+  for path in unknown:
+    close = keys.closest(path)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    problems.append(f"unknown config key {path!r}{hint}")
+  sys.exit(f"train.py: error: {'; '.join(problems)}; `python -m sasa_jax.config` lists "
+           f"every key.")
 
 
 try:  # The default config file is loaded (and overridden) here already.
@@ -160,15 +164,15 @@ def main(argv):
     raise app.UsageError(f"{', '.join(multihost_flags)}: only used with --multihost.")
   logging.get_absl_handler().addFilter(_LibraryLogFilter())
   # Imported here so that flag errors come before the (slower) JAX imports.
-  from sasa_jax import distributed  # pylint: disable=g-import-not-at-top
   from sasa_jax import training  # pylint: disable=g-import-not-at-top
+  from sasa_jax.distributed import processes, settings  # pylint: disable=g-import-not-at-top
 
   config_flag = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or default_workdir(config_flag)
   logging.info("Config %s, workdir %s", config_flag, os.path.abspath(workdir))
   try:
     if _MULTIHOST.value:  # Before anything touches a device.
-      distributed.initialize(distributed.settings(
+      processes.initialize(settings.settings(
           **{f.name: f.value for f in _MULTIHOST_SETTINGS}))
     if _MODE.value == "train":
       training.train_and_evaluate(_CONFIG.value, workdir,
@@ -176,7 +180,7 @@ def main(argv):
     else:
       # Without --config, evaluate with the config saved with the checkpoint.
       config = _CONFIG.value if flags.FLAGS["config"].present else None
-      training.evaluate(config, workdir, checkpoint_step=_CHECKPOINT_STEP.value)
+      training.evaluate_checkpoint(config, workdir, checkpoint_step=_CHECKPOINT_STEP.value)
   except errors.TrainingInterrupted as e:  # SIGTERM: checkpointed, resumable.
     print(f"train.py: {e}", file=sys.stderr, flush=True)
     sys.exit(128 + 15)

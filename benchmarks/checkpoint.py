@@ -35,7 +35,10 @@ import optax
 
 from benchmarks import common
 from configs import default, imagenet
-from sasa_jax import checkpointing, checksums, optimizers, parallel, training
+from sasa_jax import training
+from sasa_jax.distributed import mesh
+from sasa_jax.training import optimizers
+from sasa_jax.workdir import checkpointer, checksums
 
 
 def train_state(model: str):
@@ -49,7 +52,7 @@ def train_state(model: str):
   tx = optimizers.create_optimizer(config, optax.constant_schedule(0.1))
   init = jax.jit(lambda key: training.create_train_state(
       key, config, net, (config.image_size, config.image_size, channels), tx),
-                 out_shardings=parallel.replicated(parallel.create_mesh()))
+                 out_shardings=mesh.replicated(mesh.create_mesh()))
   return config, jax.block_until_ready(init(jax.random.key(0)))
 
 
@@ -66,7 +69,7 @@ def time_saves(config, state, directory: str, repeats: int) -> dict[str, float]:
               "async": (True, True), "async_plain": (True, False)}
   samples = {name: [] for name in variants}
   with contextlib.ExitStack() as stack:
-    writers = {name: stack.enter_context(checkpointing.Checkpointer(
+    writers = {name: stack.enter_context(checkpointer.Checkpointer(
         f"{directory}/{name}", max_to_keep=1, async_checkpointing=is_async))
         for name, (is_async, _) in variants.items()}
     names = list(variants)
@@ -74,7 +77,7 @@ def time_saves(config, state, directory: str, repeats: int) -> dict[str, float]:
       for name in names[r % len(names):] + names[:r % len(names)]:
         is_async, with_checksums = variants[name]
         patch = (contextlib.nullcontext() if with_checksums else
-                 mock.patch.object(checkpointing, "_named_checksums", _no_checksums))
+                 mock.patch.object(checkpointer, "_named_checksums", _no_checksums))
         with patch:
           start = time.perf_counter()
           writers[name].save(r + 1, state, training.data_position(r + 1, config), config)

@@ -10,6 +10,8 @@ sample lasts at least ``min_sample_s``; a slow one gets fewer rounds (at least 3
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import platform
@@ -18,6 +20,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
+
+from sasa_jax import ops
 
 MiB = 2**20
 
@@ -170,3 +174,76 @@ def fmt_ratio(x: float | None) -> str:
   if x is None:
     return "—"
   return f"{x:.2g}×" if x < 10 else f"{x:.0f}×"
+
+
+# ----------------------------------------------------------------------------- the op
+
+# Implementations that hold a k^2-fold copy of K and V (skipped where it is too large).
+WINDOW_COPY_IMPLEMENTATIONS = ("reference", "patches")
+
+
+@dataclasses.dataclass
+class Result:
+  """One alternative at one shape: its median time, its peak memory, or why it was not run."""
+
+  time_s: float | None = None
+  peak_bytes: int | None = None
+  skipped: str | None = None
+
+
+def default_implementation(size: int, kernel: int, channels: int, heads: int) -> str:
+  """What ``implementation=None`` runs for a ``size``-square image on this backend."""
+  return ops.default_implementation(size, size, kernel, jax.default_backend(),
+                                    channels // heads)
+
+
+def skip_reason(name: str, batch: int, size: int, channels: int, kernel: int, heads: int,
+                max_mib: float, dense_max_ratio: float = math.inf) -> str | None:
+  """Why an implementation is not run at this shape (memory, or pointless), or None."""
+  if name == "fused" and jax.default_backend() != "gpu":
+    return "Pallas interpret mode off GPU: a test path, not a performance option"
+  if name in WINDOW_COPY_IMPLEMENTATIONS:
+    copy = batch * size * size * channels * kernel * kernel * 4
+    if copy > max_mib * MiB:
+      return f"k²-fold copy of K is {copy / MiB:.0f} MiB"
+  if name == "dense":
+    logits = batch * heads * (size * size)**2 * 4
+    if logits > max_mib * MiB:
+      return f"(HW)² logits are {logits / MiB:.0f} MiB"
+    if size * size > dense_max_ratio * kernel * kernel:
+      return (f"pointless: HW/k² = {size * size / kernel**2:.0f}× the logits of the window "
+              f"(dense is for windows covering most of the image)")
+  return None
+
+
+def op_inputs(batch: int, size: int, channels: int, heads: int, kernel: int):
+  """``((q, k, v, rel_h, rel_w), cotangent)``: random normal, float32, a square image."""
+  depth = channels // heads
+  keys = jax.random.split(jax.random.key(0), 6)
+  shape = (batch, size, size, heads, depth)
+  q, k, v, g = (jax.random.normal(keys[i], shape) for i in range(4))
+  rel_h = jax.random.normal(keys[4], (kernel, depth // 2)) * depth**-0.5
+  rel_w = jax.random.normal(keys[5], (kernel, depth // 2)) * depth**-0.5
+  return (q, k, v, rel_h, rel_w), g
+
+
+def compiled_vjp(fn: Callable[..., object], args, cotangent):
+  """``(run, peak bytes)``: the gradients of ``fn`` at ``args`` for ``cotangent`` (forward
+  and backward), compiled; ``run()`` computes them and blocks."""
+  grad_fn = lambda *a: jax.vjp(fn, *a[:-1])[1](a[-1])
+  compiled = jax.jit(grad_fn).lower(*args, cotangent).compile()
+  return jax_runner(compiled, *args, cotangent), jax_peak_bytes(compiled)
+
+
+def write_json(path: str, rows) -> None:
+  """The raw results of a run (``Result``s as dicts), with the machine."""
+  def plain(o):
+    if isinstance(o, Result):
+      return dataclasses.asdict(o)
+    if isinstance(o, dict):
+      return {k: plain(v) for k, v in o.items()}
+    if isinstance(o, list):
+      return [plain(v) for v in o]
+    return o
+  with open(path, "w") as f:
+    json.dump(dict(machine=machine(), rows=plain(rows)), f, indent=1)

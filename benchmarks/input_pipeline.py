@@ -4,7 +4,7 @@
     python -m benchmarks.input_pipeline --dataset digits --processes 1 2 4 --batch 128
 
 Each process runs what each process of a multi-host ``train.py`` run reads:
-``input_pipeline.train_iterator`` with its ``process_index`` of ``process_count``, i.e.
+``sasa_jax.data.train_iterator`` with its ``process_index`` of ``process_count``, i.e.
 rows ``[p·B/P, (p+1)·B/P)`` of every global batch of ``B`` images (the split shuffled per
 epoch, the config's augmentation per example, uint8 host batches). For each process count
 ``P``, ``P`` operating-system processes (as on ``P`` hosts) build their iterators, take a
@@ -55,14 +55,13 @@ def _config(overrides: dict[str, Any]):
 def _measure(overrides: dict[str, Any], process_index: int, process_count: int,
              num_batches: int, start: Any) -> float:
   """One process: seconds for ``num_batches`` of its rows, after a warm-up batch."""
-  from sasa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from sasa_jax import training  # pylint: disable=g-import-not-at-top
+  from sasa_jax import data, training  # pylint: disable=g-import-not-at-top
 
   config = _config(overrides)
   with tempfile.TemporaryDirectory() as workdir:  # Nothing is written there.
     experiment = training.Experiment(config, workdir)
-  batches = input_pipeline.train_iterator(
-      experiment.source(config.train_split), config, process_index=process_index,
+  batches = data.train_iterator(
+      experiment.dataset.source(config.train_split), config, process_index=process_index,
       process_count=process_count, info=experiment.info)
   try:
     rows = len(next(batches)["label"])
@@ -75,7 +74,7 @@ def _measure(overrides: dict[str, Any], process_index: int, process_count: int,
       next(batches)
     return time.perf_counter() - begin
   finally:
-    input_pipeline.close(batches)
+    data.close(batches)
 
 
 def _round(overrides: dict[str, Any], process_count: int, num_batches: int) -> list[float]:

@@ -29,6 +29,7 @@ import optax
 
 from benchmarks import common
 from sasa_jax import models, training
+from sasa_jax.training import experiment
 
 DEFAULT_MODELS = ("resnet26", "sasa_resnet26_conv_stem", "sasa_resnet26", "resnet50",
                   "sasa_resnet50_conv_stem", "sasa_resnet50")
@@ -43,7 +44,7 @@ def prepare(name: str, size: int, batch: int, implementation: str | None = None,
   overrides = {} if implementation is None or not name.startswith("sasa") else dict(
       implementation=implementation)
   if dtype != "float32":
-    overrides["dtype"] = training.COMPUTE_DTYPES[dtype]
+    overrides["dtype"] = experiment.COMPUTE_DTYPES[dtype]
   model = models.create(name, **overrides)
   config = models.get_config(name)
   key_x, key_y, key_init = jax.random.split(jax.random.key(0), 3)
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=5, help="timing rounds")
   parser.add_argument("--implementation", default=None,
                       help="force the SASA layers' implementation (default: automatic)")
-  parser.add_argument("--dtype", choices=tuple(training.COMPUTE_DTYPES), default="float32",
+  parser.add_argument("--dtype", choices=tuple(experiment.COMPUTE_DTYPES), default="float32",
                       help="compute dtype (parameters stay float32; default float32)")
   args = parser.parse_args(argv)
   names = args.models or (["resnet26", "sasa_resnet26"] if args.quick else DEFAULT_MODELS)

@@ -28,10 +28,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
+from absl import app, flags, logging
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # `configs` lives beside the package, as for train.py.
@@ -40,8 +38,12 @@ if _REPO not in sys.path:  # `configs` lives beside the package, as for train.py
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import fashion_mnist
 from experiments import report
-from sasa_jax import checkpointing, config_validation, datasets, errors, models, training
+from sasa_jax import data, errors, models, training
+from sasa_jax.config import checks
 from sasa_jax.models import flops
+from sasa_jax.training import loop
+from sasa_jax.workdir import layout
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 RESULT_FILE = "result.json"
@@ -124,7 +126,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) one run and writes its ``result.json``; returns the result."""
   start = time.perf_counter()
   summary = training.train_and_evaluate(config, workdir)
-  info = datasets.get_dataset_info(config)
+  info = data.open_dataset(config).info
   shape = (1, config.image_size, config.image_size, info.num_channels)
   result = {
       "step": summary["step"],
@@ -132,21 +134,21 @@ def train(config, workdir: str) -> dict[str, Any]:
       "seconds": time.perf_counter() - start,
       "eval": summary["eval"],
       **flops.count(training.create_model(config, info.num_classes), shape, train=False),
-      "config": config_validation.config_to_dict(config),
+      "config": checks.config_to_dict(config),
   }
-  checkpointing.write_json(os.path.join(workdir, RESULT_FILE), result)
+  layout.write_json(os.path.join(workdir, RESULT_FILE), result)
   return result
 
 
 def finished(config, workdir: str) -> dict[str, Any] | None:
   """The ``result.json`` of a finished run of ``config`` (None if it has none); one
-  written with another config is an error (``checkpointing.check_config_matches``)."""
+  written with another config is an error (the check of a resumed run's config)."""
   path = os.path.join(workdir, RESULT_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
     result = json.load(f)
-  checkpointing.check_config_matches(result["config"], config, path)
+  loop.resume_check(config)(result["config"], path)
   return result
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
+from sasa_jax.models.flops import human
 
 REPORT_FILE = "report.md"
 
@@ -48,13 +49,6 @@ def _mean_std(values: Sequence[float]) -> str:
   return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
-def _human(n: float) -> str:
-  for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-    if n >= scale:
-      return f"{n / scale:.2f}{unit}"
-  return f"{n:.0f}"
-
-
 def _variant_rows(ablation, groups, results, scalars):
   """One dict per variant with finished runs: label, paper, run names, accuracies over
   seeds, params, FLOPs, images/s."""
@@ -80,7 +74,7 @@ def _table(rows) -> list[str]:
   lines = [header, "|" + "---|" * 7]
   for row in rows:
     cells = [row["label"], _mean_std(row["accuracies"]), str(len(row["accuracies"])),
-             _human(row["params"]), _human(row["flops"]), f"{row['images_per_second']:.0f}",
+             human(row["params"]), human(row["flops"]), f"{row['images_per_second']:.0f}",
              "" if row["paper"] is None else f"{row['paper']}"]
     lines.append("| " + " | ".join(cells) + " |")
   return lines

@@ -12,10 +12,11 @@ import time
 
 import pytest
 from conftest import REPO, subprocess_env
-from configs import fashion_mnist
 
+from configs import fashion_mnist
 from experiments import ablations
-from sasa_jax import config_validation, models
+from sasa_jax import models
+from sasa_jax.config import checks as config_validation
 
 SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from benchmarks import accuracy, checkpoint, input_pipeline, layers, models
+from benchmarks import accuracy, checkpoint, crossover, input_pipeline, models, op_shapes
 
 
 def test_models_benchmark_prints_its_table(capsys):
@@ -40,8 +40,8 @@ def test_accuracy_check_prints_errors_and_fails_above_its_bound(capsys):
 
 
 def test_shapes_benchmark_times_only_what_was_asked(capsys):
-  assert layers.main(["--shapes", "--groups", "tiny digits 8", "--implementations", "blocked",
-                      "dense", "--batch", "2", "--repeats", "1", "--no-torch"]) == 0
+  assert op_shapes.main(["--groups", "tiny digits 8", "--implementations", "blocked",
+                         "dense", "--batch", "2", "--repeats", "1"]) == 0
   out = capsys.readouterr().out
   header = next(line for line in out.splitlines() if line.startswith("| models |"))
   assert re.findall(r"(\w[\w =]*) ms", header) == ["blocked", "dense"]
@@ -50,7 +50,7 @@ def test_shapes_benchmark_times_only_what_was_asked(capsys):
 
 def test_unknown_variant_is_refused_with_the_allowed_names(capsys):
   with pytest.raises(SystemExit) as exit_info:
-    layers.main(["--shapes", "--implementations", "unfold"])
+    op_shapes.main(["--implementations", "unfold"])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert "--implementations: invalid choice: 'unfold'" in err and "'fused'" in err
@@ -61,7 +61,7 @@ def test_crossover_table_names_the_fastest_and_flags_a_default_that_is_not():
                shifted=2.0, dense=2.5),
           dict(kernel=7, size=8, channels=256, heads=8, default="dense", blocked=7.0,
                shifted=7.1, dense=3.2)]
-  table = layers.crossover_table(rows)
+  table = crossover.crossover_table(rows)
   assert "C=64 (d=8)" in table and "C=256 (d=32)" in table
   assert "dense* / shifted; 1.25" in table  # dense ÷ the faster windowed one (shifted)
   assert "dense / dense; **0.46**" in table  # dense faster: bold, default not flagged

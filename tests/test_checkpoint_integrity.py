@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sasa_jax import checkpointing
-from sasa_jax import checksums
-from sasa_jax import workdir_lock
 from sasa_jax.errors import WorkdirError
+from sasa_jax.workdir import checksums, orbax_errors
+from sasa_jax.workdir import lock as workdir_lock
 
 DTYPES = [np.float32, jnp.bfloat16, np.int32, np.uint8, np.bool_]
 
@@ -86,7 +85,7 @@ def test_storage_errors_in_one_line():
                       "See full TensorStore details: <bound method spec of TensorStore({"
                       "\n  'base': {...")
   wrapped.__cause__ = full
-  assert checkpointing.describe_error(wrapped) == (
+  assert orbax_errors.describe_error(wrapped) == (
       "No space left on device (/w/checkpoints/40.orbax-checkpoint-tmp/state/d/94c0)")
-  assert checkpointing.describe_error(KeyError('Item "config" was not found.')) == (
+  assert orbax_errors.describe_error(KeyError('Item "config" was not found.')) == (
       'Item "config" was not found')

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from conftest import MANUAL_FILE, REPO, run_train_py
 
-from sasa_jax import datasets
-from sasa_jax import input_pipeline as ip
+from sasa_jax import data
+from sasa_jax.data import __main__ as data_main
+from sasa_jax.data import pipeline as ip
+from sasa_jax.data import tfds_preparation
 from sasa_jax.errors import ConfigError, DatasetNotPreparedError, MissingDependencyError
 
 SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
@@ -54,7 +56,7 @@ def offline(monkeypatch):
 
 
 def test_digits_splits_are_disjoint_real_digits(make_config):
-  train, test = datasets.DigitsSource("train"), datasets.DigitsSource("test")
+  train, test = data.DigitsSource("train"), data.DigitsSource("test")
   assert (len(train), len(test)) == (1437, 360)
   ex = train[0]
   assert ex["image"].shape == (8, 8, 1) and ex["image"].dtype == np.uint8
@@ -64,10 +66,10 @@ def test_digits_splits_are_disjoint_real_digits(make_config):
   # load_digits has a few duplicate images; the index split keeps them rare.
   assert sum(t in train_images for t in test_images) < 10
   assert sorted({int(test[i]["label"]) for i in range(len(test))}) == list(range(10))
-  info = datasets.get_dataset_info(make_config())
+  info = data.open_dataset(make_config()).info
   assert (info.num_classes, info.num_channels) == (10, 1)
   with pytest.raises(ConfigError, match="splits"):
-    datasets.DigitsSource("validation")
+    data.DigitsSource("validation")
 
 
 def test_fashion_mnist_through_the_config_keys(make_config):
@@ -76,18 +78,18 @@ def test_fashion_mnist_through_the_config_keys(make_config):
     pytest.skip(f"Fashion-MNIST is not in {SHARED_TFDS}")
   config = make_config(dataset="fashion_mnist", data_dir=str(SHARED_TFDS),
                        image_size=28, batch_size=32, augmentation="cifar")
-  info = datasets.get_dataset_info(config)
-  assert info == datasets.DatasetInfo("fashion_mnist", num_classes=10,
+  info = data.open_dataset(config).info
+  assert info == data.DatasetInfo("fashion_mnist", num_classes=10,
                                       num_train_examples=60_000,
                                       num_eval_examples=10_000, num_channels=1)
-  source = datasets.create_source(config, "test")
+  source = data.open_dataset(config).source("test")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   direct = tfds.data_source("fashion_mnist", data_dir=str(SHARED_TFDS), split="test")
   for i in (0, 9_999):
     np.testing.assert_array_equal(source[i]["image"], direct[i]["image"])
     assert source[i]["label"] == direct[i]["label"]
-  batch = next(ip.train_iterator(datasets.create_source(config, "train"), config))
+  batch = next(ip.train_iterator(data.open_dataset(config).source("train"), config))
   assert batch["image"].shape == (32, 28, 28, 1) and batch["image"].dtype == np.uint8
   assert batch["image"].std() > 10  # Photographs, not padding.
   assert len(set(batch["label"].tolist())) > 3
@@ -95,7 +97,7 @@ def test_fashion_mnist_through_the_config_keys(make_config):
 
 def test_unknown_dataset_is_a_clear_error(make_config, tmp_path):
   with pytest.raises(ConfigError, match="Unknown config.dataset='cifar_10'.*cifar10"):
-    datasets.get_dataset_info(make_config(dataset="cifar_10", data_dir=str(tmp_path)))
+    data.open_dataset(make_config(dataset="cifar_10", data_dir=str(tmp_path)))
 
 
 def test_unprepared_dataset_says_how_to_prepare_it_and_leaves_nothing(
@@ -103,16 +105,16 @@ def test_unprepared_dataset_says_how_to_prepare_it_and_leaves_nothing(
   data_dir = tmp_path / "tfds"
   config = make_config(dataset=manual_tfds_builder, data_dir=str(data_dir))
   with pytest.raises(DatasetNotPreparedError) as err:
-    datasets.get_dataset_info(config)  # Tries to prepare: the manual file is missing.
+    data.open_dataset(config).info  # Tries to prepare: the manual file is missing.
   message = str(err.value)
   assert "could not be downloaded" in message and MANUAL_FILE in message
-  assert (f"python -m sasa_jax.datasets prepare {manual_tfds_builder} --data_dir=DIR"
+  assert (f"python -m sasa_jax.data prepare {manual_tfds_builder} --data_dir=DIR"
           in message)
   assert "DIR/downloads/manual" in message
   assert not data_dir.exists()  # TFDS had made its folders; all removed.
   config.data_download = False
   with pytest.raises(DatasetNotPreparedError, match="is not prepared") as err:
-    datasets.get_dataset_info(config)
+    data.open_dataset(config).info
   assert "could not be downloaded" not in str(err.value)
 
 
@@ -125,7 +127,7 @@ def test_failed_preparation_leaves_the_data_dir_as_it_was(manual_tfds_builder,
   before = _tree(data_dir)
   with pytest.raises(DatasetNotPreparedError, match="(?s)could not be downloaded and "
                      "prepared.*Class label 5 greater than configured num_classes 2"):
-    datasets.tfds_builder(manual_tfds_builder, str(data_dir), prepare=True)
+    tfds_preparation.tfds_builder(manual_tfds_builder, str(data_dir), prepare=True)
   assert _tree(data_dir) == before
 
 
@@ -139,7 +141,7 @@ def test_cifar10_takes_its_archive_from_the_manual_dir(tmp_path, offline):
   before = _tree(tmp_path)
   with pytest.raises(DatasetNotPreparedError,
                      match="NonMatchingChecksumError.*downloads/manual/cifar-10-binary"):
-    datasets.tfds_builder("cifar10", str(tmp_path), prepare=True)
+    tfds_preparation.tfds_builder("cifar10", str(tmp_path), prepare=True)
   assert _tree(tmp_path) == before
 
 
@@ -147,20 +149,20 @@ def test_prepare_command_reads_the_manual_dir(make_config, manual_tfds_builder,
                                               tmp_path, offline, capsys):
   data_dir, manual_dir = tmp_path / "tfds", tmp_path / "archives"
   images, labels = _write_manual_file(manual_dir)
-  assert datasets.main(["prepare", manual_tfds_builder, f"--data_dir={data_dir}",
+  assert data_main.main(["prepare", manual_tfds_builder, f"--data_dir={data_dir}",
                         f"--manual_dir={manual_dir}"]) == 0
   out = capsys.readouterr().out
   assert f"{manual_tfds_builder}/1.0.0 is prepared in" in out and "train 12" in out
   config = make_config(dataset=manual_tfds_builder, data_dir=str(data_dir),
                        data_download=False, eval_split="train")
-  info = datasets.get_dataset_info(config)
+  info = data.open_dataset(config).info
   assert (info.num_classes, info.num_train_examples, info.num_channels) == (2, 12, 1)
-  source = datasets.create_source(config, "train")
+  source = data.open_dataset(config).source("train")
   got = sorted((int(source[i]["label"]), source[i]["image"].tobytes())
                for i in range(len(source)))
   assert got == sorted((int(l), im.tobytes()) for im, l in zip(images, labels))
   # Run again: it is prepared, nothing to do.
-  assert datasets.main(["prepare", manual_tfds_builder, f"--data_dir={data_dir}"]) == 0
+  assert data_main.main(["prepare", manual_tfds_builder, f"--data_dir={data_dir}"]) == 0
 
 
 def test_half_made_dataset_folder_is_a_clear_error(make_config, tiny_tfds_dir,
@@ -177,7 +179,7 @@ def test_half_made_dataset_folder_is_a_clear_error(make_config, tiny_tfds_dir,
   with pytest.raises(DatasetNotPreparedError,
                      match=f"{version_dir} exists but holds no prepared dataset.*"
                      f"rm -r {version_dir}"):
-    datasets.get_dataset_info(config)
+    data.open_dataset(config).info
   assert version_dir.is_dir()  # Never deleted for the user: it may be a copy under way.
 
 
@@ -186,18 +188,18 @@ def test_a_missing_module_is_not_reported_as_a_download_failure(
   with pytest.raises(MissingDependencyError,
                      match="needs the Python module 'sasa_test_module_that_is_not_"
                      "installed', which is not installed") as err:
-    datasets.tfds_builder(needs_module_tfds_builder, str(tmp_path), prepare=True)
+    tfds_preparation.tfds_builder(needs_module_tfds_builder, str(tmp_path), prepare=True)
   assert "download" not in str(err.value)
   assert not any(tmp_path.iterdir())
 
 
 def test_offline_the_prepare_command_fails_fast(tmp_path, offline, capsys):
   start = time.monotonic()
-  assert datasets.main(["prepare", "cifar10", f"--data_dir={tmp_path}"]) == 1
-  assert time.monotonic() - start < 2 * datasets.PROBE_TIMEOUT_S
+  assert data_main.main(["prepare", "cifar10", f"--data_dir={tmp_path}"]) == 1
+  assert time.monotonic() - start < 2 * tfds_preparation.PROBE_TIMEOUT_S
   err = capsys.readouterr().err
   assert "www.cs.toronto.edu does not answer" in err
-  assert "python -m sasa_jax.datasets prepare cifar10 --data_dir=DIR" in err
+  assert "python -m sasa_jax.data prepare cifar10 --data_dir=DIR" in err
   assert not any(tmp_path.iterdir())
 
 
@@ -211,14 +213,14 @@ def test_offline_train_py_fails_fast_with_how_to_prepare(tmp_path, offline):
   elapsed = time.monotonic() - start
   assert result.returncode == 1, result.stderr[-3000:]
   assert "www.cs.toronto.edu does not answer" in result.stderr
-  assert "python -m sasa_jax.datasets prepare cifar10 --data_dir=DIR" in result.stderr
+  assert "python -m sasa_jax.data prepare cifar10 --data_dir=DIR" in result.stderr
   assert "Traceback" not in result.stderr
   assert not any(data_dir.iterdir())
   assert elapsed < 60, elapsed  # TFDS's own retries take 3.5 minutes.
 
 
 def test_python_m_runs_the_command(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "sasa_jax.datasets", "--help"],
+  result = subprocess.run([sys.executable, "-m", "sasa_jax.data", "--help"],
                           cwd=REPO, capture_output=True, text=True, timeout=60,
                           check=False)
   assert result.returncode == 0 and "prepare" in result.stdout

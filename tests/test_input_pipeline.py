@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sasa_jax import datasets
-from sasa_jax import input_pipeline as ip
+from sasa_jax import data
+from sasa_jax.data import pipeline as ip
 from sasa_jax.errors import ConfigError
 
 
@@ -98,22 +98,22 @@ def test_batch_not_divisible_by_hosts_is_a_clear_error(make_config):
 def test_tfds_dataset_built_locally(make_config, tiny_tfds_dir):
   config = make_config(dataset="sasa_test_digits", data_dir=tiny_tfds_dir,
                        batch_size=8, eval_batch_size=16, augmentation="cifar")
-  info = datasets.get_dataset_info(config)
+  info = data.open_dataset(config).info
   assert (info.num_classes, info.num_train_examples, info.num_eval_examples,
           info.num_channels) == (10, 96, 40, 1)
-  src = datasets.create_source(config, "train")
+  src = data.open_dataset(config).source("train")
   batches = ip.take(ip.train_iterator(src, config), 13)  # Over an epoch boundary.
   assert batches[0]["image"].shape == (8, 8, 8, 1)
   assert batches[0]["image"].dtype == np.uint8
   again = ip.take(ip.train_iterator(src, config, start_step=12), 1)[0]
   np.testing.assert_array_equal(again["image"], batches[12]["image"])
-  eval_src = datasets.create_source(config, "test")
+  eval_src = data.open_dataset(config).source("test")
   labels = np.concatenate([b["label"][b["mask"] == 1]
                            for b in ip.eval_iterator(eval_src, config)])
   expected = [int(eval_src[i]["label"]) for i in range(len(eval_src))]
   assert sorted(labels.tolist()) == sorted(expected)
   with pytest.raises(ConfigError, match=r"splits \['test', 'train'\]"):
-    datasets.create_source(config, "validation")
+    data.open_dataset(config).source("validation")
 
 
 def test_worker_processes_give_the_same_stream(make_config):

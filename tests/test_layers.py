@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from numerics import TOLERANCE, rel_error
+
 from sasa_jax import layers, ops
 
 

@@ -21,11 +21,12 @@ import portpicker
 import pytest
 from conftest import REPO, subprocess_env, tiny_config
 
-from sasa_jax import checkpointing
-from sasa_jax import distributed
-from sasa_jax import input_pipeline
 from sasa_jax import training
+from sasa_jax.data import pipeline as input_pipeline
+from sasa_jax.distributed import settings
 from sasa_jax.errors import ConfigError
+from sasa_jax.workdir import layout
+from sasa_jax.workdir.checkpointer import Checkpointer
 
 # No run of these tests takes longer on 2 busy cores; then every process is killed.
 _DEADLINE_SECONDS = 300
@@ -107,7 +108,7 @@ _REFERENCE_SCRIPT = textwrap.dedent("""
     from sasa_jax import training
 
     training.train_and_evaluate(tiny_config(**json.loads(sys.argv[2])), sys.argv[1])
-    print("REPORT " + json.dumps(training.evaluate(None, sys.argv[1])))
+    print("REPORT " + json.dumps(training.evaluate_checkpoint(None, sys.argv[1])))
 """)
 
 
@@ -123,7 +124,7 @@ def _reference(tmp_path, workdir, cache_dir, **overrides) -> tuple[str, dict]:
 
 def _state(workdir, num_steps: int):
   experiment = training.Experiment(tiny_config(num_train_steps=num_steps), str(workdir))
-  with checkpointing.Checkpointer(str(workdir), read_only=True) as checkpointer:
+  with Checkpointer(str(workdir), read_only=True) as checkpointer:
     return jax.device_get(checkpointer.restore_state(num_steps,
                                                      experiment.abstract_state()))
 
@@ -141,7 +142,7 @@ def _train_lines(output: str) -> dict[int, str]:
 
 
 def _steps(workdir) -> list[int]:
-  path = Path(workdir) / checkpointing.CHECKPOINT_DIR
+  path = Path(workdir) / layout.CHECKPOINT_DIR
   return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if path.is_dir() else []
 
 
@@ -201,7 +202,7 @@ def test_two_processes_train_the_run_of_one_through_a_kill_and_a_rerun(
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
                (ours.params, ours.batch_stats), (theirs.params, theirs.batch_stats))
   assert {**_train_lines(survivor), **_train_lines(rerun[0])} == _train_lines(ref_out)
-  report = json.loads((workdir / checkpointing.EVALUATION_FILE).read_text())
+  report = json.loads((workdir / layout.EVALUATION_FILE).read_text())
   assert report["step"] == ref_report["step"] == num_steps
   assert report["num_examples"] == ref_report["num_examples"] == 360
   assert report["loss"] == pytest.approx(ref_report["loss"], rel=1e-5)
@@ -211,10 +212,10 @@ def test_two_processes_train_the_run_of_one_through_a_kill_and_a_rerun(
   # event file per training run); every process writes its part of each checkpoint.
   assert "Trained sasa_tiny to step 40" in rerun[0] and "Trained" not in rerun[1]
   assert "Wrote" in evaluated[0] and "Wrote" not in evaluated[1]
-  assert json.loads((workdir / checkpointing.CONFIG_FILE).read_text())["data_threads"] == 1
-  assert len(os.listdir(workdir / checkpointing.TENSORBOARD_DIR)) == 2
+  assert json.loads((workdir / layout.CONFIG_FILE).read_text())["data_threads"] == 1
+  assert len(os.listdir(workdir / layout.TENSORBOARD_DIR)) == 2
   for step in _steps(workdir):
-    state = workdir / checkpointing.CHECKPOINT_DIR / str(step) / "state"
+    state = workdir / layout.CHECKPOINT_DIR / str(step) / "state"
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state))
 
 
@@ -237,11 +238,11 @@ _ROWS_SCRIPT = textwrap.dedent("""
     import sys
     sys.path[:0] = [{repo!r}, {tests!r}]
     import numpy as np
-    from sasa_jax import distributed
-    distributed.initialize(distributed.settings())  # From the JAX_* variables.
+    from sasa_jax.distributed import processes, settings
+    processes.initialize(settings.settings())  # From the JAX_* variables.
     import jax
     from conftest import tiny_config
-    from sasa_jax import input_pipeline, training
+    from sasa_jax import data, training
 
     experiment = training.Experiment(tiny_config(), sys.argv[1])
     rows, images, labels = [], [], []
@@ -251,8 +252,8 @@ _ROWS_SCRIPT = textwrap.dedent("""
                         key=lambda s: s.index[0].start)
         rows.append(np.concatenate([np.arange(16)[s.index[0]] for s in shards]))
         images.append(np.concatenate([np.asarray(s.data) for s in shards]))
-    evals = [b["image"][b["mask"] > 0] for b in input_pipeline.eval_iterator(
-        experiment.source("test"), experiment.config, info=experiment.info)]
+    evals = [b["image"][b["mask"] > 0] for b in data.eval_iterator(
+        experiment.dataset.source("test"), experiment.config, info=experiment.info)]
     np.savez(sys.argv[2], rows=np.stack(rows), images=np.stack(images),
              eval_images=np.concatenate(evals))
 """)
@@ -267,7 +268,7 @@ def test_each_process_reads_only_its_rows_of_every_global_batch(tmp_path):
   got = [np.load(tmp_path / f"rows{i}.npz") for i in (0, 1)]
   config = tiny_config()
   experiment = training.Experiment(config, str(tmp_path / "reference"))
-  source = experiment.source(config.train_split)
+  source = experiment.dataset.source(config.train_split)
   expected = input_pipeline.train_iterator(source, config, process_index=0,
                                            process_count=1)
   try:
@@ -281,7 +282,7 @@ def test_each_process_reads_only_its_rows_of_every_global_batch(tmp_path):
   finally:
     input_pipeline.close(expected)
   # Evaluation: each process reads a share of the split; together, all of it once.
-  eval_source = experiment.source(config.eval_split)
+  eval_source = experiment.dataset.source(config.eval_split)
   read = [image.tobytes() for g in got for image in g["eval_images"]]
   assert len(read) == len(eval_source) == 360
   assert sorted(read) == sorted(np.asarray(eval_source[i]["image"]).tobytes()
@@ -291,13 +292,13 @@ def test_each_process_reads_only_its_rows_of_every_global_batch(tmp_path):
 def test_settings_take_flags_first_then_the_environment():
   environ = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
              "JAX_PROCESS_ID": "3"}
-  s = distributed.settings(process_id=1, environ=environ)
+  s = settings.settings(process_id=1, environ=environ)
   assert (s.coordinator_address, s.num_processes, s.process_id) == ("10.0.0.1:1234", 4, 1)
   assert s.describe("num_processes") == "JAX_NUM_PROCESSES=4"
   assert s.describe("process_id") == "--process_id=1"
-  assert s.process_timeout_seconds == distributed.DEFAULT_PROCESS_TIMEOUT_SECONDS <= 120
+  assert s.process_timeout_seconds == settings.DEFAULT_PROCESS_TIMEOUT_SECONDS <= 120
   # Nothing given: all left to the cluster's detection.
-  s = distributed.settings(environ={}, process_timeout_seconds=10)
+  s = settings.settings(environ={}, process_timeout_seconds=10)
   assert (s.coordinator_address, s.num_processes, s.process_id) == (None, None, None)
   assert s.process_timeout_seconds == 10
 
@@ -317,7 +318,7 @@ def test_settings_take_flags_first_then_the_environment():
 ])
 def test_impossible_settings_are_clear_errors(kwargs, environ, message):
   with pytest.raises(ConfigError) as error:
-    distributed.settings(environ=environ, **kwargs)
+    settings.settings(environ=environ, **kwargs)
   assert message in str(error.value)
 
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from numerics import TOLERANCE, rel_error
+
 from sasa_jax import ops
 from sasa_jax.ops import _contract, blocked, shifted
 

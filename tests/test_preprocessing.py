@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sasa_jax import preprocessing as pp
+from sasa_jax.data import preprocessing as pp
 
 
 def test_augmentations():

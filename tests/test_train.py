@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -13,13 +14,12 @@ import numpy as np
 import optax
 import pytest
 
-from sasa_jax import checkpointing
-from sasa_jax import config_validation
-from sasa_jax import optimizers
-from sasa_jax import reporting
-from sasa_jax import run_plan
 from sasa_jax import training
+from sasa_jax.config import checks as config_validation
+from sasa_jax.distributed import mesh
 from sasa_jax.errors import ConfigError, NonFiniteLossError, WorkdirError
+from sasa_jax.training import loop, optimizers, reporting, run_plan
+from sasa_jax.workdir.checkpointer import Checkpointer
 
 pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
@@ -54,17 +54,18 @@ def test_missing_and_bad_values(make_config):
   assert "config.base_learning_rate=-1.0 is invalid: allowed a float > 0" in message
   assert ("config.eval_every_steps=0 is invalid: allowed None (from eval_every_epochs) "
           "or a positive int") in message
-  with pytest.raises(ConfigError, match="config.optimizer='adam'.*'sgd' or 'adamw'"):
+  with pytest.raises(ConfigError, match="config.optimizer='adam'.*'sgd'.*'adamw'"):
     config_validation.validate_config(make_config(optimizer="adam"))
   with pytest.raises(ConfigError, match="num_epochs=0 with config.num_train_steps unset"):
     config_validation.validate_config(make_config(num_epochs=0.0, num_train_steps=None))
 
 
-def test_batch_not_divisible_by_devices(make_config):
-  config_validation.check_batch_sizes(make_config(batch_size=16), 8, 1)
-  with pytest.raises(ConfigError, match=r"config.batch_size=12 is not divisible by "
-                     r"the number of devices \(8 .*e.g. 8 or 16"):
-    config_validation.check_batch_sizes(make_config(batch_size=12), 8, 1)
+def test_batch_not_divisible_by_devices():
+  mesh.check_batch_size("batch_size", 16, 8, "devices")
+  with pytest.raises(ConfigError) as error:
+    mesh.check_batch_size("batch_size", 12, 8, "devices")
+  for fact in ("config.batch_size=12", "devices", "multiple of 8", "8 or 16"):
+    assert fact in str(error.value)
 
 
 def test_unknown_model_fails_before_training(make_config, tmp_path):
@@ -81,18 +82,17 @@ def test_workdir_holding_something_else(make_config, tmp_path):
 
 def test_workdir_of_another_experiment(make_config, tmp_path):
   saved = make_config(model="resnet_tiny")  # A checkpoint of another run, no config.json.
-  with checkpointing.Checkpointer(str(tmp_path), async_checkpointing=False) as ckpt:
+  with Checkpointer(str(tmp_path), async_checkpointing=False) as ckpt:
     # Its config is read first: the state (a stand-in here) is never reached.
     ckpt.save(2, {"w": jnp.zeros(3)}, training.data_position(2, saved), saved)
-  checkpointing.check_config_matches(  # Loop settings may change.
-      config_validation.config_to_dict(saved),
-      make_config(model="resnet_tiny", num_train_steps=9), "the checkpoint")
+  loop.resume_check(make_config(model="resnet_tiny", num_train_steps=9))(
+      config_validation.config_to_dict(saved), "the checkpoint")  # Loop settings may change.
   with pytest.raises(WorkdirError) as err:
     training.train_and_evaluate(make_config(base_learning_rate=0.5), str(tmp_path))
   message = str(err.value)
-  assert "differs from the one saved with the checkpoint of step 2" in message
-  assert "model: saved='resnet_tiny', now='sasa_tiny'" in message
-  assert "base_learning_rate: saved=0.4, now=0.5" in message
+  assert "the checkpoint of step 2" in message
+  assert re.search(r"model: 'resnet_tiny' .*'sasa_tiny'", message)
+  assert re.search(r"base_learning_rate: 0.4 .*0.5", message)
   assert "num_train_steps" not in message  # Loop settings may change on resume.
 
 
@@ -181,7 +181,7 @@ def test_non_finite_loss_names_the_step():
 
 def _params(workdir: str, config, step: int):
   setup = training.Experiment(config, workdir)
-  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  ckpt = Checkpointer(workdir, read_only=True)
   try:
     return jax.device_get(ckpt.restore_state(step, setup.abstract_state()))
   finally:
@@ -220,7 +220,7 @@ def test_train_resume_evaluate_in_process(make_config, tmp_path):
   assert again["start_step"] == again["step"] == 6
   assert again["eval"] == straight["eval"]
 
-  report = training.evaluate(None, resumed_dir)  # The config saved in the workdir.
+  report = training.evaluate_checkpoint(None, resumed_dir)  # The config saved in the workdir.
   with open(os.path.join(resumed_dir, "evaluation.json")) as f:
     on_disk = json.load(f)
   assert on_disk == json.loads(json.dumps(report))
@@ -228,10 +228,10 @@ def test_train_resume_evaluate_in_process(make_config, tmp_path):
   assert on_disk["accuracy"] == pytest.approx(straight["eval"]["accuracy"])
   assert on_disk["loss"] == pytest.approx(straight["eval"]["loss"], rel=1e-6)
   assert on_disk["top5_accuracy"] >= on_disk["accuracy"]
-  earlier = training.evaluate(config, resumed_dir, checkpoint_step=2)
+  earlier = training.evaluate_checkpoint(config, resumed_dir, checkpoint_step=2)
   assert earlier["step"] == 2 and earlier["loss"] != on_disk["loss"]
   with pytest.raises(ConfigError, match=r"available steps: \[2, 4, 6\]"):
-    training.evaluate(None, resumed_dir, checkpoint_step=5)
+    training.evaluate_checkpoint(None, resumed_dir, checkpoint_step=5)
 
 
 @pytest.mark.slow
@@ -255,7 +255,7 @@ def test_every_option_on_a_tfds_dataset(make_config, tiny_tfds_dir, tmp_path):
   moved = jax.tree.map(lambda e, p: float(np.abs(e - p).max()),
                        state.ema["params"], state.params)
   assert max(jax.tree.leaves(moved)) > 0  # The EMA lags the weights.
-  report = training.evaluate(None, workdir)
+  report = training.evaluate_checkpoint(None, workdir)
   assert report["weights"] == "ema" and set(report["metrics"]) == {"params", "ema"}
   assert report["accuracy"] == report["metrics"]["ema"]["accuracy"]
   assert report["metrics"]["params"]["loss"] == pytest.approx(

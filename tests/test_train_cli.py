@@ -58,10 +58,10 @@ def test_train_resume_evaluate_from_the_command_line(tmp_path, jax_compilation_c
 
 
 @pytest.mark.parametrize("args,message", [
-    (("--config.bach_size=3",),
-     "unknown config key 'bach_size' (did you mean 'batch_size'?)"),
-    (("--config.optimizer=adam",), "config.optimizer='adam' is invalid: allowed "
-     "'sgd' or 'adamw'"),
+    (("--config.bach_size=3",), ("unknown config key 'bach_size'", "'batch_size'")),
+    (("--config.model_overrides.kernal_size=3",),
+     ("unknown config key 'model_overrides.kernal_size'", "'model_overrides.kernel_size'")),
+    (("--config.optimizer=adam",), ("config.optimizer='adam'", "'sgd'", "'adamw'")),
     (("--config.batch_size=many",), "--config.batch_size=many"),
     (("--mode=fit",), "value should be one of <train|evaluate>"),
     (("--checkpoint_step=3",), "--checkpoint_step is only used with --mode=evaluate"),
@@ -77,7 +77,8 @@ def test_bad_flags_are_clear_errors(tmp_path, args, message):
                         f"--workdir={tmp_path / 'w'}" if "--workdir" not in
                         " ".join(args) else "--config.seed=0", cwd=tmp_path)
   assert result.returncode != 0
-  assert message in result.stderr, result.stderr[-2000:]
+  for fact in (message,) if isinstance(message, str) else message:
+    assert fact in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 

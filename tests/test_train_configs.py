@@ -10,13 +10,13 @@ import ml_collections
 import numpy as np
 import pytest
 from absl import flags
-from configs import cifar10, default, fashion_mnist, imagenet
 from ml_collections import config_flags
 
-from sasa_jax import config_validation
-from sasa_jax import models
-from sasa_jax import run_plan
-from sasa_jax import training
+from configs import cifar10, default, fashion_mnist, imagenet
+from sasa_jax import models, training
+from sasa_jax.config import keys
+from sasa_jax.config import checks as config_validation
+from sasa_jax.training import run_plan
 
 ALL = ([("default", None)] + [("cifar10", m) for m in cifar10.MODELS] +
        [("imagenet", m) for m in imagenet.MODELS] +
@@ -142,7 +142,7 @@ def test_every_config_key_can_be_overridden_on_the_command_line():
 def test_model_overrides_hold_every_resnet_field():
   """Each ``ResNet`` field is one ``--config.model_overrides.<field>`` (dtypes come from
   ``compute_dtype``)."""
-  assert set(default.model_overrides()) == set(models.OVERRIDES) - {"dtype", "param_dtype"}
+  assert set(keys.model_overrides()) == set(models.OVERRIDES) - {"dtype", "param_dtype"}
 
 
 def test_fashion_mnist_recipe():

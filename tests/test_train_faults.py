@@ -177,9 +177,8 @@ def test_a_changed_config_is_refused_by_the_checkpoints_without_config_json(
   result = _train_py(workdir, "--config.base_learning_rate=2.0",
                      cache_dir=jax_compilation_cache)
   message = _failed(result)
-  assert message.startswith("This config differs from the one saved with the checkpoint "
-                            f"of step 8 in {workdir / 'checkpoints'}:\n"
-                            "  base_learning_rate: saved=0.4, now=2.0\n"), message
+  assert f"step 8 in {workdir / 'checkpoints'}" in message
+  assert re.search(r"base_learning_rate: 0.4 .*2.0", message), message
   assert not (workdir / "config.json").exists()  # Nothing was written.
   assert _checksums(workdir, 8) == _checksums(reference[0], 8)
 

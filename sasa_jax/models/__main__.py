@@ -1,14 +1,7 @@
 """``python -m sasa_jax.models``: every model's parameters and FLOPs beside Table 1."""
 
 from sasa_jax import models
-
-
-def _human(n: float) -> str:
-  """``13696552 -> '13.70M'``."""
-  for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-    if n >= scale:
-      return f"{n / scale:.2f}{unit}"
-  return f"{n:.0f}"
+from sasa_jax.models.flops import human
 
 
 def _relative(ours: float, paper: float) -> str:
@@ -25,7 +18,7 @@ def table() -> str:
     config = models.get_config(name)
     ours = models.describe(name)
     cells = [name, f"{config.image_size}x{config.image_size}x{config.in_channels}",
-             _human(ours["params"]), _human(ours["flops"])]
+             human(ours["params"]), human(ours["flops"])]
     paper = config.paper
     if paper is None:
       cells += ["", "", ""]

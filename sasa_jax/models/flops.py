@@ -97,3 +97,11 @@ def count(model: nn.Module, input_shape: Sequence[int], **call_kwargs) -> dict[s
         lambda x: model.init(jax.random.key(0), x, **call_kwargs), x)
   params = sum(leaf.size for leaf in jax.tree_util.tree_leaves(variables["params"]))
   return {"params": int(params), "flops": 2 * int(macs)}
+
+
+def human(n: float) -> str:
+  """A count in a few characters: ``13696552 -> '13.70M'``, ``9440000000 -> '9.44G'``."""
+  for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.2f}{unit}"
+  return f"{n:.0f}"
