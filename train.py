@@ -22,9 +22,11 @@ from ml_collections import config_flags
 from sasa_jax import errors
 from sasa_jax.workdir import signals
 
-# A SIGTERM from the start says what it stopped. Training installs its own handler;
-# with --multihost, jax.distributed's preemption service takes SIGTERM over.
+# SIGTERM or Ctrl-C from the start says what it stopped. Training installs its own
+# handlers (they checkpoint after the current step); with --multihost, jax.distributed's
+# preemption service takes SIGTERM over.
 signal.signal(signal.SIGTERM, signals.exit_while_starting)
+signal.signal(signal.SIGINT, signals.exit_while_starting)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
@@ -142,26 +144,51 @@ def _exit_quietly(status: int) -> None:
   sys.exit(status)
 
 
+def _flag_error(error: flags.Error) -> str:
+  """absl's message, one line: its first line, then the innermost cause's message where
+  that is not already in it (a config file's ``get_config`` raised it)."""
+  root = error
+  while root.__cause__ is not None or root.__context__ is not None:
+    root = root.__cause__ or root.__context__
+  first = str(error).splitlines()[0].rstrip(": ")
+  return first if str(root) in first else f"{first}: {root}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with every mistake reported as one ``train.py: error:`` line."""
+  """absl's flag parsing, with every mistake reported as one ``train.py: error:`` line,
+  those in a config file included (a syntax error, or ``get_config`` raising)."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"train.py: error: {e}")
+    sys.exit(f"train.py: error: {_flag_error(e)}")
   except (AttributeError, KeyError) as e:
     _exit_on_unknown_key(e)
+  except SyntaxError as e:  # Executing a config file.
+    sys.exit(f"train.py: error: {e.filename}:{e.lineno}: {e.msg}")
+  except Exception as e:  # pylint: disable=broad-except  # Executing a config file.
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+                _DEFAULT_CONFIG)
+    sys.exit(f"train.py: error: --config={path}: {type(e).__name__}: {e}")
+
+
+def _check_flag_combinations(argv) -> None:
+  """Flags that mean nothing together: one ``train.py: error:`` line, before any import."""
+  problems = []
+  if len(argv) > 1:
+    problems.append(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CHECKPOINT_STEP.value is not None and _MODE.value != "evaluate":
+    problems.append("--checkpoint_step is only used with --mode=evaluate")
+  if _RESTART_FROM_SCRATCH.value and _MODE.value != "train":
+    problems.append("--restart_from_scratch is only used with --mode=train")
+  multihost_flags = [f"--{f.name}" for f in _MULTIHOST_SETTINGS if f.present]
+  if multihost_flags and not _MULTIHOST.value:
+    problems.append(f"{', '.join(multihost_flags)}: only used with --multihost")
+  if problems:
+    sys.exit(f"train.py: error: {'; '.join(problems)}.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if _CHECKPOINT_STEP.value is not None and _MODE.value != "evaluate":
-    raise app.UsageError("--checkpoint_step is only used with --mode=evaluate.")
-  if _RESTART_FROM_SCRATCH.value and _MODE.value != "train":
-    raise app.UsageError("--restart_from_scratch is only used with --mode=train.")
-  multihost_flags = [f"--{f.name}" for f in _MULTIHOST_SETTINGS if f.present]
-  if multihost_flags and not _MULTIHOST.value:
-    raise app.UsageError(f"{', '.join(multihost_flags)}: only used with --multihost.")
+  _check_flag_combinations(argv)
   logging.get_absl_handler().addFilter(_LibraryLogFilter())
   # Imported here so that flag errors come before the (slower) JAX imports.
   from sasa_jax import training  # pylint: disable=g-import-not-at-top
@@ -177,13 +204,21 @@ def main(argv):
     if _MODE.value == "train":
       training.train_and_evaluate(_CONFIG.value, workdir,
                                   restart_from_scratch=_RESTART_FROM_SCRATCH.value)
-    else:
-      # Without --config, evaluate with the config saved with the checkpoint.
-      config = _CONFIG.value if flags.FLAGS["config"].present else None
-      training.evaluate_checkpoint(config, workdir, checkpoint_step=_CHECKPOINT_STEP.value)
-  except errors.TrainingInterrupted as e:  # SIGTERM: checkpointed, resumable.
+    elif flags.FLAGS["config"].present:
+      training.evaluate_checkpoint(_CONFIG.value, workdir,
+                                   checkpoint_step=_CHECKPOINT_STEP.value)
+    else:  # The config saved with the checkpoint, with the --config.<key>= given.
+      training.evaluate_checkpoint(
+          None, workdir, checkpoint_step=_CHECKPOINT_STEP.value,
+          overrides=config_flags.get_override_values(flags.FLAGS["config"]))
+  except errors.TrainingInterrupted as e:  # SIGTERM or Ctrl-C: checkpointed, resumable.
     print(f"train.py: {e}", file=sys.stderr, flush=True)
-    sys.exit(128 + 15)
+    sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # A second Ctrl-C.
+    print("train.py: Stopped by a second Ctrl-C, without a checkpoint of the steps since "
+          "the last one. Re-run the same command to resume from it.", file=sys.stderr,
+          flush=True)
+    _exit_quietly(128 + signal.SIGINT)
   except (errors.Error, OSError) as e:  # A problem the user can fix: no traceback.
     if _TRACEBACK.value:
       raise

@@ -62,11 +62,15 @@ def get_config(model: str = "sasa_fmnist"):
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One arm of an ablation: a label, its config overrides, the paper's top-1 (%)."""
+  """One arm of an ablation: a label, its config overrides, the paper's top-1 (%); for an
+  ablation along an axis (the width), the ``series`` it belongs to (the model) and its
+  ``x`` on the axis."""
 
   label: str
   overrides: dict
   paper: float | None = None
+  series: str | None = None
+  x: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,17 @@ def _conv_stem(label, paper, **model_overrides):
   """The conv-stem SASA model with ``model_overrides`` (the paper's ablation base)."""
   overrides = {f"model_overrides.{k}": v for k, v in model_overrides.items()}
   return Variant(label, {"model": "sasa_fmnist_conv_stem", **overrides}, paper)
+
+
+# The paper's claim lives at ImageNet widths, where a SASA layer's 3·k²·C per pixel is
+# below a 3x3 conv's 9·C² (C >= 64 at k = 7): the widths at which the FLOPs balance.
+WIDTHS = (16, 32, 64)
+
+
+def _at_width(base: Variant, width: int) -> Variant:
+  return Variant(f"{base.label}, C = {width}",
+                 {**base.overrides, "model_overrides.width": width}, base.paper,
+                 series=base.label, x=width)
 
 
 ABLATIONS = (
@@ -119,6 +134,10 @@ ABLATIONS = (
               _conv_stem("conv stage 1, attention stage 2", 80.7,
                          spatial=("conv", "attention")),
               _conv_stem("all attention", 80.2))),
+    Ablation("width", "Width: does attention catch up with convolution? (Table 1's regime)",
+             "As the layers widen, does attention close its gap to convolution, as the "
+             "FLOP balance 3·k²·C vs 9·C² predicts?", 2,
+             tuple(_at_width(v, w) for v in (CONV, CONV_STEM) for w in WIDTHS)),
 )
 
 # Overrides given to every run of the sweep: the same recipe and budget for all variants.

@@ -40,4 +40,9 @@ class DataError(Error, ValueError):
 
 
 class TrainingInterrupted(Exception):
-  """SIGTERM (e.g. preemption): a checkpoint was saved; re-run to resume."""
+  """A signal (SIGTERM: preemption, ``kill``; SIGINT: Ctrl-C) stopped training after a
+  checkpoint was saved; re-run to resume. ``signum``: the signal."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum

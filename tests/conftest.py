@@ -171,7 +171,7 @@ def _tiny_builder_classes():
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      import sasa_test_module_that_is_not_installed  # pylint: disable=g-import-not-at-top,unused-import
+      import sasa_test_module_that_is_not_installed  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
       return {}
 
     def _generate_examples(self):

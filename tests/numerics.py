@@ -2,7 +2,7 @@
 
 import jax.numpy as jnp
 
-from benchmarks.accuracy import rel_error  # pylint: disable=unused-import
+from benchmarks.accuracy import rel_error  # noqa: F401  # pylint: disable=unused-import
 
 # Bounds on rel_error against a float32 reference; bf16 runs are compared with the
 # reference on the same bf16-rounded inputs.

@@ -60,7 +60,7 @@ class Unset:
 @dataclasses.dataclass(frozen=True)
 class Key:
   """A config key. ``evaluation``: ``train.py --mode=evaluate`` may set it on top of the
-  config saved with the checkpoint (keys of scope ``loop`` and ``host`` always may)."""
+  config saved with the checkpoint (as it may the keys of scope ``host``)."""
 
   name: str
   default: Any  # A value, an ``Unset``, or a function returning a ConfigDict.
@@ -175,14 +175,15 @@ KEYS: tuple[Key, ...] = (
     # Run length and batches (global: over all devices and hosts).
     Key("seed", 0, _int(0, "an int >= 0"), RUN, "Initialisation, data order, augmentation."),
     Key("batch_size", 64, POSITIVE_INT, RUN, "The global training batch."),
-    Key("eval_batch_size", 360, POSITIVE_INT, LOOP, "The global evaluation batch."),
+    Key("eval_batch_size", 360, POSITIVE_INT, LOOP, "The global evaluation batch.",
+        evaluation=True),
     Key("num_epochs", 27.0, _number("a float >= 0 (epochs of the train split)", 0), LOOP,
         "The run's length in epochs of the train split (1437 digits, batch 64: 606 steps)."),
     Key("num_train_steps", Unset(int), _unset_or(_int(0, "an int >= 0"), "from num_epochs"),
         LOOP, "The run's length in steps; overrides num_epochs."),
     Key("num_eval_steps", -1, Allowed(lambda v: _is_int(v) and (v == -1 or v > 0),
                                       "-1 (the whole split) or a positive int"), LOOP,
-        "Evaluation batches; -1: the whole eval split."),
+        "Evaluation batches; -1: the whole eval split.", evaluation=True),
     # Optimizer and schedule.
     Key("optimizer", "sgd", _one_of("sgd", "adamw"), RUN,
         "'sgd' (Nesterov momentum) or 'adamw'."),
@@ -258,7 +259,7 @@ def keys_in(scope: Scope) -> frozenset[str]:
 
 def settable_when_evaluating() -> frozenset[str]:
   """The keys that ``--mode=evaluate`` may set on top of a checkpoint's saved config."""
-  return frozenset(key.name for key in KEYS if key.evaluation or key.scope is not Scope.RUN)
+  return frozenset(key.name for key in KEYS if key.evaluation or key.scope is Scope.HOST)
 
 
 def paths() -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from sasa_jax.data import tfds_preparation
-from sasa_jax.errors import ConfigError
+from sasa_jax.errors import ConfigError, DataError
 
 DIGITS = tfds_preparation.DIGITS
 DIGITS_SPLITS = ("train", "test")
@@ -33,13 +33,15 @@ Example = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What the rest of the program needs to know about a dataset and its two splits."""
+  """What the rest of the program needs to know about a dataset and its two splits.
+  ``image_size``: ``(H, W)`` of every image, or None where they differ (e.g. ImageNet)."""
 
   name: str
   num_classes: int
   num_train_examples: int
   num_eval_examples: int
   num_channels: int
+  image_size: tuple[int, int] | None = None
 
 
 class DigitsSource:
@@ -51,7 +53,7 @@ class DigitsSource:
 
   NUM_TEST = 360
   NUM_CLASSES = 10
-  NUM_CHANNELS = 1
+  IMAGE_SHAPE = (8, 8, 1)
 
   def __init__(self, split: str):
     if split not in DIGITS_SPLITS:
@@ -77,6 +79,43 @@ class DigitsSource:
     return f"DigitsSource(num_examples={len(self)})"
 
 
+class TfdsSource:
+  """A split of a prepared TFDS dataset (its ArrayRecord source), whose read failures
+  name the dataset, the split, the file and the example, and say how to re-prepare."""
+
+  def __init__(self, builder, name: str, split: str):
+    self._source = builder.as_data_source(split=split)
+    self._builder = builder
+    self._name = name
+    self._split = split
+    # Example i of the split is in the first file whose examples end after it.
+    self._files = [(i.filename, i.take) for i in builder.info.splits[split].file_instructions]
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> Example:
+    try:
+      return self._source[index]
+    except Exception as e:  # pylint: disable=broad-except  # The library's read failed.
+      raise DataError(
+          f"Reading example {index} of dataset {self._name!r}, split {self._split!r}, from "
+          f"{self._file_of(index)} failed ({type(e).__name__}: {e}). The file is damaged or "
+          f"was changed after the dataset was prepared: delete {self._builder.data_dir} "
+          f"and prepare the dataset again.\n"
+          f"{tfds_preparation.how_to_prepare(self._name, self._builder)}") from e
+
+  def _file_of(self, index: int) -> str:
+    for filename, take in self._files:
+      if index < take:
+        return filename
+      index -= take
+    return "one of its files"
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self._name!r}, split={self._split!r}, num_examples={len(self)})"
+
+
 class Dataset:
   """``config.dataset`` opened once: ``source(split)`` and ``info`` (of the config's train
   and eval splits, both checked to exist and to be non-empty)."""
@@ -93,10 +132,11 @@ class Dataset:
       raise ConfigError(
           f"dataset={self.name!r}: split {config.train_split!r} has {len(train)} examples "
           f"and {config.eval_split!r} has {len(evals)}; both must be non-empty.")
-    num_classes, num_channels = self._classes_and_channels()
+    num_classes, (height, width, channels) = self._classes_and_image_shape()
     self.info = DatasetInfo(name=self.name, num_classes=num_classes,
                             num_train_examples=len(train), num_eval_examples=len(evals),
-                            num_channels=num_channels)
+                            num_channels=channels,
+                            image_size=None if None in (height, width) else (height, width))
 
   def source(self, split: str):
     """The random-access source of ``split`` (slices such as ``train[:90%]`` work)."""
@@ -110,17 +150,19 @@ class Dataset:
     splits = self._builder.info.splits
     if split.split("[")[0] not in splits:
       raise ConfigError(f"dataset={self.name!r} has splits {sorted(splits)}; got {split!r}.")
-    return self._builder.as_data_source(split=split)
+    return TfdsSource(self._builder, self.name, split)
 
-  def _classes_and_channels(self) -> tuple[int, int]:
+  def _classes_and_image_shape(self) -> tuple[int, tuple[int | None, int | None, int]]:
+    """The number of classes and the images' ``(H, W, C)`` (None where sizes differ)."""
     if self._builder is None:
-      return DigitsSource.NUM_CLASSES, DigitsSource.NUM_CHANNELS
+      return DigitsSource.NUM_CLASSES, DigitsSource.IMAGE_SHAPE
     features = self._builder.info.features
     for key in ("image", "label"):
       if key not in features:
         raise ConfigError(f"dataset={self.name!r} has features {sorted(features)}; image "
                           f"classification needs 'image' and 'label'.")
-    return int(features["label"].num_classes), int(features["image"].shape[-1] or 3)
+    height, width, channels = features["image"].shape
+    return int(features["label"].num_classes), (height, width, channels or 3)
 
 
 def open_dataset(config) -> Dataset:

@@ -28,6 +28,7 @@ from absl import logging
 
 from sasa_jax.config import checks, keys
 from sasa_jax.distributed import mesh as mesh_lib
+from sasa_jax.distributed import rendezvous
 from sasa_jax.distributed.settings import ENVIRONMENT, WHAT, Settings
 from sasa_jax.errors import ConfigError
 
@@ -37,11 +38,14 @@ def initialize(s: Settings) -> None:
 
   On CPU, collectives across processes use gloo (``jax_cpu_collectives_implementation``).
   Settings that are not given are detected from the cluster; if JAX finds no cluster to
-  complete them, raises :class:`ConfigError` naming the missing ones.
+  complete them, raises :class:`ConfigError` naming the missing ones. Given settings are
+  first checked to agree between the processes (:mod:`~sasa_jax.distributed.rendezvous`).
   """
   if _runs_on_cpu():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   missing = [n for n in ENVIRONMENT if getattr(s, n) is None]
+  if not missing:
+    rendezvous.check_settings_agree(s)
   try:
     jax.distributed.initialize(
         s.coordinator_address, s.num_processes, s.process_id,

@@ -17,15 +17,18 @@ from sasa_jax.workdir import layout
 from sasa_jax.workdir.checkpointer import Checkpointer
 
 
-def evaluate_checkpoint(config, workdir: str, checkpoint_step: int | None = None
-                        ) -> dict[str, Any]:
+def evaluate_checkpoint(config, workdir: str, checkpoint_step: int | None = None,
+                        overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Restores a checkpoint of ``workdir`` (the newest intact one, or
   ``checkpoint_step``), evaluates it on ``config.eval_split``, prints the metrics and
   writes them to ``<workdir>/evaluation.json``.
 
-  ``config=None`` uses the config saved with the checkpoint. The top-level metrics
-  are those of the EMA weights when the run keeps an EMA (the paper's), else of the
-  raw weights; both are in the file. Nothing in the workdir changes but that file.
+  ``config=None`` uses the config saved with the checkpoint, with ``overrides``
+  (``{'eval_split': 'test[:50%]', ...}``: dotted keys) applied; only the keys that do not
+  change the trained model may be overridden (``keys.settable_when_evaluating``). The
+  top-level metrics are those of the EMA weights when the run keeps an EMA (the
+  paper's), else of the raw weights; both are in the file. Nothing in the workdir
+  changes but that file.
   """
   if not os.path.isdir(os.path.join(workdir, layout.CHECKPOINT_DIR)):
     raise WorkdirError(
@@ -40,7 +43,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_step: int | None = None
       raise ConfigError(f"--checkpoint_step={checkpoint_step}: no such checkpoint "
                         f"in {checkpointer.directory}; available steps: {steps}.")
     if config is None:
-      config = _saved_config(checkpointer, checkpoint_step)
+      config = _saved_config(checkpointer, checkpoint_step, overrides or {})
     experiment = Experiment(config, workdir)
     abstract_state = experiment.abstract_state()
     if checkpoint_step is None:
@@ -72,28 +75,41 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_step: int | None = None
 
 
 def evaluation_check(config):
-  """The check that a checkpoint's saved config is the trained model's: every key that
-  evaluation may not set (:func:`keys.settable_when_evaluating`) must be equal."""
+  """The check that a checkpoint's saved config is the trained model's: the keys of
+  scope ``run`` must be equal, but those that evaluation may set
+  (:func:`keys.settable_when_evaluating`)."""
   may_differ = keys.settable_when_evaluating()
 
   def check(saved: Mapping[str, Any], source: str) -> None:
     diffs = checks.differences(saved, checks.config_to_dict(config))
-    fatal = {k: v for k, v in diffs.items() if k.split(".")[0] not in may_differ}
+    fatal = {k: v for k, v in diffs.items()
+             if checks.scope(k) is keys.Scope.RUN and k.split(".")[0] not in may_differ}
     if fatal:
       raise WorkdirError(
           f"This config differs from the one saved with {source}:\n"
           f"{checks.format_differences(fatal, ('(saved)', '(now)'))}\n"
           f"To evaluate that checkpoint, leave out --config: the config saved with it is "
-          f"used (and --config.<key>= may set {', '.join(sorted(may_differ))}).")
+          f"used, and --config.<key>= may set {', '.join(sorted(may_differ))}.")
 
   return check
 
 
-def _saved_config(checkpointer: Checkpointer, step: int | None):
-  """The config saved with checkpoint ``step`` (None: the newest readable one)."""
+def _saved_config(checkpointer: Checkpointer, step: int | None,
+                  overrides: Mapping[str, Any]):
+  """The config saved with checkpoint ``step`` (None: the newest readable one), with
+  ``overrides`` of the keys that evaluation may set."""
+  may_differ = keys.settable_when_evaluating()
+  refused = sorted(k for k in overrides if k.split(".")[0] not in may_differ)
+  if refused:
+    raise ConfigError(
+        f"{', '.join(f'--config.{k}' for k in refused)}: evaluating a checkpoint uses the "
+        f"model and the recipe saved with it; only "
+        f"{', '.join(f'--config.{k}' for k in sorted(may_differ))} may be set.")
   saved = (checkpointer.newest_config() if step is None
            else checkpointer.saved_config(step))
   if saved is None:
     raise WorkdirError(f"No checkpoint in {checkpointer.directory} has a readable "
                        f"config; pass --config.")
-  return ml_collections.ConfigDict(checks.with_defaults(saved)).lock()
+  config = ml_collections.ConfigDict(checks.with_defaults(saved))
+  config.update_from_flattened_dict(dict(overrides))
+  return config.lock()

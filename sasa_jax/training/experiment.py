@@ -71,6 +71,7 @@ class Experiment:
     self.dataset = data.open_dataset(config)
     self.info = self.dataset.info
     checks.check_channels(config, self.info.num_channels)
+    _check_image_size(config, self.info)
     self.model = create_model(config, self.info.num_classes)
     self.image_shape = (config.image_size, config.image_size, self.info.num_channels)
     self.plan = run_plan.create_run_plan(config, self.info.num_train_examples)
@@ -83,14 +84,20 @@ class Experiment:
     self.step_key = jax.random.fold_in(root, 1)
     self.norm = dict(mean=tuple(config.normalization_mean),
                      std=tuple(config.normalization_std))
+    # Shapes only (nothing allocated): the model checks its input, as a run would.
+    try:
+      self._abstract_state = jax.eval_shape(self._init_fn(), self.init_key)
+    except ValueError as e:
+      raise ConfigError(f"config.model={config.model!r} cannot take "
+                        f"{config.image_size}x{config.image_size} images "
+                        f"(config.image_size): {e}") from e
 
   def _init_fn(self):
     return functools.partial(steps.create_train_state, config=self.config,
                              model=self.model, image_shape=self.image_shape, tx=self.tx)
 
   def abstract_state(self) -> steps.TrainState:
-    abstract = jax.eval_shape(self._init_fn(), self.init_key)
-    return mesh_lib.with_sharding(abstract, self.replicated)
+    return mesh_lib.with_sharding(self._abstract_state, self.replicated)
 
   def initial_state(self) -> steps.TrainState:
     return jax.jit(self._init_fn(), out_shardings=self.replicated)(self.init_key)
@@ -133,6 +140,23 @@ class Experiment:
       weights["ema"] = state.ema
     return {name: evaluate_batches(eval_step_fn, variables, self.eval_batches())
             for name, variables in weights.items()}
+
+
+def _check_image_size(config, info: data.DatasetInfo) -> None:
+  """``config.image_size`` must be the dataset's where the preprocessing keeps the size
+  (a ``ConfigError`` before anything is allocated)."""
+  if info.image_size is None or info.image_size == (config.image_size,) * 2:
+    return
+  keeping = [f"config.{key}={config[key]!r}" for key, keeps in (
+      ("augmentation", config.augmentation not in ("inception",)),
+      ("eval_preprocessing", config.eval_preprocessing == "none")) if keeps]
+  if keeping:
+    height, width = info.image_size
+    raise ConfigError(
+        f"config.image_size={config.image_size}, but dataset {info.name!r} holds "
+        f"{height}x{width} images and {' and '.join(keeping)} keep their size. Set "
+        f"config.image_size={height}, or resize them (augmentation='inception', "
+        f"eval_preprocessing='center_crop').")
 
 
 def evaluate_batches(eval_step_fn, variables: Any, batches: Iterator[dict[str, jax.Array]]

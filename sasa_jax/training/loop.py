@@ -8,15 +8,17 @@ saves and restores, the :class:`~sasa_jax.training.reporting.Reporter` tells.
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import ml_collections
 from absl import logging
 
 from sasa_jax.config import checks, keys
 from sasa_jax.errors import TrainingInterrupted, WorkdirError
-from sasa_jax.training import reporting, steps
+from sasa_jax.training import optimizers, reporting, run_plan, steps
 from sasa_jax.training.experiment import Experiment
 from sasa_jax.workdir import layout, lock, signals
 from sasa_jax.workdir.checkpointer import Checkpointer
@@ -26,10 +28,12 @@ def train_and_evaluate(config, workdir: str, *, restart_from_scratch: bool = Fal
                        ) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its newest intact checkpoint).
 
-  One run per workdir: the workdir's lock is held throughout. A SIGTERM while
-  setting up (until the input pipeline starts) exits at once, saying so; later, the
-  run checkpoints after the current step, then raises ``TrainingInterrupted``. A
-  failed checkpoint save raises ``CheckpointSaveError`` at the next step.
+  One run per workdir: the workdir's lock is held throughout. A SIGTERM or Ctrl-C
+  while setting up (until the input pipeline starts) exits at once, saying so; later,
+  the run checkpoints after the current step, then raises ``TrainingInterrupted``. A
+  state that training produced is saved before anything else can fail: at a step that
+  both saves and evaluates, the save comes first. A failed save raises
+  ``CheckpointSaveError`` at the next step.
   ``restart_from_scratch``: train from step 0 in a workdir whose checkpoints were all
   found damaged and moved aside (refused otherwise).
 
@@ -37,7 +41,7 @@ def train_and_evaluate(config, workdir: str, *, restart_from_scratch: bool = Fal
   eval metrics (of the EMA weights when ``ema_decay > 0``), 'eval_params'}``.
   """
   with contextlib.ExitStack() as stack:
-    stop = stack.enter_context(signals.StopOnSigterm(jax.process_count()))
+    stop = stack.enter_context(signals.StopOnSignals(jax.process_count()))
     experiment = Experiment(config, workdir)
     plan = experiment.plan
     stack.enter_context(lock.WorkdirLock(workdir))
@@ -48,8 +52,9 @@ def train_and_evaluate(config, workdir: str, *, restart_from_scratch: bool = Fal
     state, start_step = restore_or_initialize(experiment, checkpointer,
                                               restart_from_scratch)
     layout.save_config(workdir, config)
-    report = stack.enter_context(reporting.Reporter(config, plan, experiment.schedule,
-                                                    workdir, start_step))
+    report = stack.enter_context(reporting.Reporter(
+        config, plan, experiment.schedule, workdir, start_step,
+        last_checkpoint=checkpointer.latest_step))
     train_step_fn = experiment.jitted_train_step()
     eval_step_fn = experiment.jitted_eval_step()
     stop.training_started(checkpointer)  # Before grain starts any worker process.
@@ -59,19 +64,20 @@ def train_and_evaluate(config, workdir: str, *, restart_from_scratch: bool = Fal
       checkpointer.check_saved()  # A failed save stops the run here.
       is_last = step == plan.num_train_steps
       report.record_step(step, metrics, log=step % config.log_every_steps == 0 or is_last)
-      if step % plan.eval_every_steps == 0 or is_last:
-        with report.throughput_paused():
-          results = experiment.evaluate_state(state, eval_step_fn)
-        report.eval_results(step, results)
       stopping = stop.requested(step)
       if is_last or stopping or checkpointer.should_save(step):
         report.check_finite()  # A non-finite state is never checkpointed.
         checkpointer.save(step, state, data_position(step, config), config)
       if stopping and not is_last:
         checkpointer.wait_until_finished()
+        signum = stop.received or signal.SIGTERM
         raise TrainingInterrupted(
-            f"Stopped by SIGTERM after step {step}, saved a checkpoint in "
-            f"{checkpointer.directory}. Re-run the same command to resume.")
+            f"Stopped by {signals.describe(signum)} after step {step}, saved a checkpoint "
+            f"in {checkpointer.directory}. Re-run the same command to resume.", signum)
+      if step % plan.eval_every_steps == 0 or is_last:
+        with report.throughput_paused():
+          results = experiment.evaluate_state(state, eval_step_fn)
+        report.eval_results(step, results)
     if start_step >= plan.num_train_steps:  # Its evaluation was logged by that run.
       logging.info("Already trained to step %d (num_train_steps=%d); evaluating.",
                    start_step, plan.num_train_steps)
@@ -109,7 +115,32 @@ def restore_or_initialize(experiment: Experiment, checkpointer: Checkpointer,
         f"checkpoints were moved aside. Use another workdir to start over.")
   _check_data_position(saved_position, step, experiment.config)
   logging.info("Resuming from %s at step %d.", checkpointer.directory, step)
+  _explain_new_length(checkpointer.saved_config(step), step, experiment)
   return state, step
+
+
+def _explain_new_length(saved: Mapping[str, Any], step: int, experiment: Experiment
+                        ) -> None:
+  """Says plainly what resuming a run with another length does to its schedule.
+
+  The schedule is recomputed for the new length (the documented choice: a run extended
+  from N to M steps continues as the run of M steps would, from the step it resumes
+  at), so the learning rate jumps at the resume step, e.g. from about 0 at the end of a
+  finished cosine schedule back up.
+  """
+  saved_config = ml_collections.ConfigDict(checks.with_defaults(saved))
+  saved_plan = run_plan.create_run_plan(saved_config, experiment.info.num_train_examples)
+  plan = experiment.plan
+  if saved_plan.num_train_steps == plan.num_train_steps:
+    return
+  old = optimizers.create_learning_rate_schedule(saved_config, saved_plan)
+  logging.warning(
+      "This run was planned for %d steps and now has %d: the learning-rate schedule is "
+      "recomputed for %d steps (%s decay to 0 at the last step), so the learning rate "
+      "of step %d is %.4g instead of %.4g in the saved run's schedule.",
+      saved_plan.num_train_steps, plan.num_train_steps, plan.num_train_steps,
+      experiment.config.lr_schedule, step + 1, float(experiment.schedule(step)),
+      float(old(step)))
 
 
 def resume_check(config):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -37,13 +37,14 @@ class Reporter:
   ``throughput_paused()``) do not count in the throughput.
 
   Args: the run's ``config``, its ``plan`` and learning-rate ``schedule``, its
-  ``workdir`` (TensorBoard logs go to ``<workdir>/tensorboard``) and the step it starts
-  from.
+  ``workdir`` (TensorBoard logs go to ``<workdir>/tensorboard``), the step it starts
+  from, and ``last_checkpoint()``, the step of the newest checkpoint (for messages).
   """
 
   def __init__(self, config, plan: run_plan.RunPlan, schedule, workdir: str,
-               start_step: int):
+               start_step: int, last_checkpoint: Callable[[], int | None] = lambda: None):
     self._config = config
+    self._last_checkpoint = last_checkpoint
     self._plan = plan
     self._schedule = schedule
     self._workdir = workdir
@@ -65,6 +66,11 @@ class Reporter:
                  self._plan.num_train_steps, config.batch_size, jax.device_count(),
                  jax.process_count())
     logging.info("Run plan: %s.", self._plan.describe())
+    if self._plan.warmup_steps >= self._plan.num_train_steps > self._start_step:
+      logging.warning(
+          "The warm-up (%d steps) is not shorter than the run (%d steps): the learning "
+          "rate never reaches its peak %.4g. Lower warmup_epochs (or warmup_steps).",
+          self._plan.warmup_steps, self._plan.num_train_steps, self._plan.learning_rate)
     if self._start_step == 0:
       self._writer.write_text(0, "config", "```\n" + json.dumps(
           checks.config_to_dict(config), indent=2) + "\n```\n\n"
@@ -91,7 +97,7 @@ class Reporter:
                          images_per_second=self.last_train.get("train/images_per_second"))
 
   def check_finite(self) -> None:
-    check_finite(self._pending)
+    check_finite(self._pending, self._last_checkpoint())
 
   def _summarize(self, step: int) -> dict[str, float]:
     self.check_finite()
@@ -142,20 +148,24 @@ def eval_scalars(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]
   return scalars
 
 
-def check_finite(pending: Sequence[tuple[int, Mapping[str, jax.Array]]]) -> None:
-  """Raises :class:`NonFiniteLossError` naming the first step whose loss or
-  gradient norm was NaN/Inf."""
+def check_finite(pending: Sequence[tuple[int, Mapping[str, jax.Array]]],
+                 last_checkpoint: int | None = None) -> None:
+  """Raises :class:`NonFiniteLossError` naming the first step whose loss or gradient
+  norm was NaN/Inf, and the last checkpoint (``None``: there is none) that a re-run
+  would resume from."""
   if not pending:
     return
   flags = jax.device_get([m["finite"] for _, m in pending])
   for (step, metrics), ok in zip(pending, flags):
     if not ok:
       loss, grad_norm = jax.device_get((metrics["loss"], metrics["grad_norm"]))
+      kept = ("no checkpoint was written yet" if last_checkpoint is None else
+              f"the last checkpoint (step {last_checkpoint}) is intact")
       raise NonFiniteLossError(
           f"Non-finite training loss, gradients or parameters at step {step} "
-          f"(loss={loss}, grad_norm={grad_norm}). Stopping; no checkpoint of this "
-          f"state was written, the last one is still valid. Lower "
-          f"config.learning_rate, set config.grad_clip_norm, or check the data.")
+          f"(loss={loss}, grad_norm={grad_norm}). Stopping without checkpointing this "
+          f"state; {kept}. Lower config.base_learning_rate, set config.grad_clip_norm, "
+          f"or check the data.")
 
 
 def train_line(step: int, plan: run_plan.RunPlan, scalars: Mapping[str, float]) -> str:

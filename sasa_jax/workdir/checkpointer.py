@@ -33,6 +33,10 @@ from sasa_jax.workdir import checksums, layout, orbax_errors
 # the second argument names the checkpoint.
 ConfigCheck = Callable[[Mapping[str, Any], str], None]
 
+# How long a reader waits for a checkpoint that failed to read to disappear (the run in
+# progress removing it) before calling it damaged.
+_REMOVAL_SECONDS = 2.0
+
 
 class Checkpointer:
   """An Orbax ``CheckpointManager`` for the train state, the data position, the config
@@ -179,13 +183,38 @@ class Checkpointer:
     """``(step, state, data_position)`` of the newest intact checkpoint of the run
     (:meth:`restore_checked`), or None if there is none. Each damaged one on the way
     gets one warning naming the step, the part and the cause, and, unless read-only, is
-    moved to ``<workdir>/corrupt_checkpoints/``."""
-    for step in reversed(self.all_steps()):
+    moved to ``<workdir>/corrupt_checkpoints/``.
+
+    A checkpoint that disappears while it is read is not damaged: the run in progress
+    in this workdir (``max_to_keep``) removed it. The list of checkpoints is then read
+    again and the newest one that was not tried yet is read instead.
+    """
+    tried = set()
+    while True:
+      untried = [s for s in reversed(self.all_steps()) if s not in tried]
+      if not untried:
+        return None
+      step = untried[0]
+      tried.add(step)
       try:
         return (step, *self.restore_checked(step, abstract_state, check_config))
       except CorruptCheckpointError as e:
-        self._move_aside(step, e)
-    return None
+        if not self._removed_meanwhile(step):
+          self._move_aside(step, e)
+          continue
+        logging.info("The checkpoint at step %d was removed while it was read (a run in "
+                     "progress keeps max_to_keep); reading the newest one.", step)
+        self._manager.reload()
+
+  def _removed_meanwhile(self, step: int) -> bool:
+    """Whether checkpoint ``step``, which failed to read, is being removed. Only a
+    read-only checkpointer shares its workdir with a run in progress (the lock keeps out
+    a second writer); it gives that run's deletion a moment to finish."""
+    path = os.path.join(self.directory, str(step))
+    deadline = time.monotonic() + (_REMOVAL_SECONDS if self.read_only else 0)
+    while os.path.isdir(path) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    return not os.path.isdir(path)
 
   def moved_aside(self) -> list[str]:
     """The damaged checkpoints moved to ``corrupt_directory`` (by any run), as
