@@ -191,10 +191,11 @@ class Result:
   skipped: str | None = None
 
 
-def default_implementation(size: int, kernel: int, channels: int, heads: int) -> str:
+def default_implementation(size: int, kernel: int, channels: int, heads: int,
+                           borders: str = "exclude") -> str:
   """What ``implementation=None`` runs for a ``size``-square image on this backend."""
   return ops.default_implementation(size, size, kernel, jax.default_backend(),
-                                    channels // heads)
+                                    channels // heads, borders)
 
 
 def skip_reason(name: str, batch: int, size: int, channels: int, kernel: int, heads: int,

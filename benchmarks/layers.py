@@ -3,6 +3,7 @@
     python -m benchmarks.layers            # --quick: the target configuration
     python -m benchmarks.layers --full     # the grid C x H x k (+ the plot against k)
     python -m benchmarks.layers --vs-k     # just H=32, C=64, k = 3..11 and the plot
+    python -m benchmarks.layers --options  # dilation 2 and shifted borders vs today's op
 
 Every JAX alternative is a whole layer on NHWC input, projections included:
 ``LocalSelfAttention(C, num_heads, kernel_size=k, implementation=name)`` for each name in
@@ -102,6 +103,48 @@ def bench_layer_config(batch, size, channels, kernel, heads, *, repeats, use_tor
     log(f"  B={batch} H=W={size} C={channels} k={kernel} {mode}: " + ", ".join(
         f"{n} {common.fmt_ms(r.time_s)} ms" for n, r in res.items() if r.time_s))
   return results
+
+
+# (label, dilation, borders): the window options against today's SASA window.
+OPTIONS = (("today's (dilation 1, borders='exclude')", 1, "exclude"),
+           ("dilation=2", 2, "exclude"),
+           ("borders='shift'", 1, "shift"),
+           ("dilation=2, borders='shift'", 2, "shift"))
+
+
+def bench_options(batch, size, channels, kernel, heads, *, repeats
+                  ) -> dict[str, common.Result]:
+  """``{option: Result}``: the layer's fwd+bwd with each of ``OPTIONS`` (automatic
+  implementation) and a 3x3 conv, timed interleaved."""
+  x = jax.random.normal(jax.random.key(1), (batch, size, size, channels))
+  g = jax.random.normal(jax.random.key(2), (batch, size, size, channels))
+  modules = {label: LocalSelfAttention(channels, num_heads=heads, kernel_size=kernel,
+                                       dilation=dilation, borders=borders)
+             for label, dilation, borders in OPTIONS}
+  modules[CONV] = nn.Conv(channels, (3, 3), use_bias=False)
+  runs, res = {}, {}
+  for label, module in modules.items():
+    runs[label], peak = _jax_alternative(module, x, g, "fwd+bwd")
+    res[label] = common.Result(peak_bytes=peak)
+  for label, t in common.time_interleaved(runs, repeats=repeats).items():
+    res[label].time_s = t
+  return res
+
+
+def options_table(res: dict[str, common.Result], size: int, kernel: int, heads: int,
+                  channels: int) -> str:
+  today = res[OPTIONS[0][0]]
+  rows = []
+  for label, dilation, borders in (*OPTIONS, (CONV, None, None)):
+    r = res[label]
+    used = "—" if borders is None else common.default_implementation(
+        -(-size // dilation), kernel, channels, heads, borders)
+    rows.append([label, used, common.fmt_ms(r.time_s),
+                 common.fmt_ratio(r.time_s / today.time_s), common.fmt_mib(r.peak_bytes),
+                 common.fmt_ratio(r.peak_bytes / today.peak_bytes)])
+  return common.markdown_table(
+      ["layer", "implementation (automatic)", "fwd+bwd ms", "÷ today's", "peak MiB",
+       "÷ today's"], rows)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -212,6 +255,9 @@ def main(argv=None) -> int:
                     "k=5,9 at H=32, C=64 for the plot)")
   what.add_argument("--vs-k", action="store_true",
                     help="only H=32, C=64, k in {3,5,7,9,11}, and the plot against k")
+  what.add_argument("--options", action="store_true",
+                    help="the target shape with dilation 2 and shifted borders against "
+                    "today's window, fwd+bwd, one interleaved run")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--heads", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=None,
@@ -242,6 +288,13 @@ def main(argv=None) -> int:
   else:
     print("  torch is not installed: no PyTorch unfold layer in this run.")
 
+  if args.options:
+    size, channels, kernel = TARGET["size"], TARGET["channels"], TARGET["kernel"]
+    res = bench_options(args.batch, size, channels, kernel, args.heads, repeats=repeats)
+    print(f"\nThe window options, fwd+bwd of the layer, batch {args.batch}, {size}×{size}, "
+          f"{channels}→{channels} channels, k={kernel}, {args.heads} heads:\n")
+    print(options_table(res, size, kernel, args.heads, channels))
+    return 0
   rows = []
   if args.full:
     configs = [(c, h, k) for c in (64, 256) for h in (14, 32, 56) for k in (3, 7, 11)]

@@ -28,7 +28,8 @@ def _groups(max_seeds=None):
 
 def test_the_sweep_covers_the_papers_comparisons_with_shared_runs():
   runs, groups = _groups()
-  assert set(groups) == {"table1", "kernel", "positional", "content", "stem", "conv_early"}
+  assert set(groups) == {"table1", "kernel", "positional", "content", "stem", "conv_early",
+                         "width"}
   for name, variants in groups.items():
     seeds = 3 if name in ("table1", "positional") else 2
     assert all(len(names) == seeds for names in variants.values()), name
@@ -45,7 +46,7 @@ def test_the_sweep_covers_the_papers_comparisons_with_shared_runs():
   assert groups["kernel"]["k = 9"] == ["sasa_fmnist_conv_stem-kernel_size=9-seed=0",
                                        "sasa_fmnist_conv_stem-kernel_size=9-seed=1"]
   all_names = [n for variants in groups.values() for names in variants.values() for n in names]
-  assert set(all_names) == set(runs) and len(runs) == 27
+  assert set(all_names) == set(runs) and len(runs) == 35
   # Quick: at most two seeds per variant.
   quick, _ = _groups(fashion_mnist.MAX_SEEDS["quick"])
   assert set(quick) < set(runs) and not any("seed=2" in n for n in quick)

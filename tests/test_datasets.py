@@ -80,8 +80,8 @@ def test_fashion_mnist_through_the_config_keys(make_config):
                        image_size=28, batch_size=32, augmentation="cifar")
   info = data.open_dataset(config).info
   assert info == data.DatasetInfo("fashion_mnist", num_classes=10,
-                                      num_train_examples=60_000,
-                                      num_eval_examples=10_000, num_channels=1)
+                                  num_train_examples=60_000, num_eval_examples=10_000,
+                                  num_channels=1, image_size=(28, 28))
   source = data.open_dataset(config).source("test")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

@@ -152,6 +152,26 @@ def test_layer_implementations_agree(implementation):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dilation, borders", [(2, "exclude"), (1, "shift"), ((2, 1), "shift")])
+def test_window_options_size_the_tables_and_reach_the_right_pixels(dilation, borders):
+  """The relative tables have kh rows (2 kh - 1 with shifted borders), and the output at a
+  pixel depends on exactly the pixels of its window as the op defines it."""
+  x = images((1, 8, 7, 4))
+  module = layers.LocalSelfAttention(features=4, num_heads=1, kernel_size=3,
+                                     dilation=dilation, borders=borders)
+  variables, out = init_apply(module, x)
+  rows = 5 if borders == "shift" else 3
+  assert variables["params"]["rel_h"].shape == variables["params"]["rel_w"].shape == (rows, 2)
+  weights = ops.attention_weights(*(jnp.ones((1, 8, 7, 1, 4)),) * 2, kernel_size=3,
+                                  dilation=dilation, borders=borders)
+  for i, j in [(0, 0), (4, 3), (7, 6)]:
+    eh, ew = weights.shape[-2:]
+    window = np.zeros((8 + eh, 7 + ew), bool)
+    window[i:i + eh, j:j + ew] = np.asarray(weights[0, i, j, 0]) > 0
+    np.testing.assert_array_equal(input_sensitivity(module, variables, x, i, j),
+                                  window[eh // 2:eh // 2 + 8, ew // 2:ew // 2 + 7])
+
+
 def test_bfloat16_compute_with_float32_params():
   x = images((2, 8, 8, 8))
   module = layers.LocalSelfAttention(features=8, num_heads=2, kernel_size=3)
@@ -262,6 +282,12 @@ def test_attention_stem_values_are_spatially_aware():
     (lambda: layers.LocalSelfAttention(16, positional="sinusoid"), "positional must be one of"),
     (lambda: layers.LocalSelfAttention(16, implementation="unfold"), "implementation must be one"),
     (lambda: layers.LocalSelfAttention(16, stride=0), "stride must be a positive int"),
+    (lambda: layers.LocalSelfAttention(16, dilation=0), "dilation must be an int >= 1"),
+    (lambda: layers.LocalSelfAttention(16, borders="wrap"), "borders must be one of"),
+    (lambda: layers.LocalSelfAttention(16, borders="shift", implementation="fused"),
+     "does not compute borders='shift'"),
+    (lambda: layers.LocalSelfAttention(16, kernel_size=None, dilation=2),
+     "global attention. takes the default dilation=1"),
     (lambda: layers.AttentionStem(features=10, num_heads=4), "features must be divisible"),
     (lambda: layers.AttentionStem(block_size=0), "block_size must be a positive int"),
 ])

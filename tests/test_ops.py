@@ -268,6 +268,178 @@ def test_bad_arguments_raise_clear_errors(overrides, message):
     _call(**overrides)
 
 
+# ---------------------------------------------------------------------------
+# Dilation and shifted borders (neighbourhood attention).
+
+# (B, H, W, N, d, kernel_size, dilation, borders): sizes that the dilation does not divide,
+# non-square images and windows.
+OPTION_CASES = [
+    (1, 10, 9, 2, 4, 3, (2, 3), "exclude"),
+    (2, 9, 7, 2, 4, (3, 5), 1, "shift"),
+    (1, 11, 10, 1, 6, 3, 2, "shift"),
+]
+
+
+def option_inputs(case, relative, dtype=jnp.float32, seed=0):
+  """``(q, k, v), (rel_h, rel_w)`` for ``case``, the tables sized for its border mode."""
+  batch, height, width, heads, depth, kernel_size, _, borders = case
+  rows_h, rows_w = ops.relative_table_rows(kernel_size, borders)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+  qkv = [jax.random.normal(k, (batch, height, width, heads, depth)).astype(dtype)
+         for k in keys[:3]]
+  tables = (jax.random.normal(keys[3], (rows_h, depth // 2)).astype(dtype),
+            jax.random.normal(keys[4], (rows_w, depth // 2)).astype(dtype)) if relative else (
+                None, None)
+  return qkv, tables
+
+
+def _axis_keys(i, size, kernel, dilation, borders):
+  """The definition, for one query row: ``[(key row, relative table row), ...]``."""
+  radius = kernel // 2
+  if borders == "exclude":
+    return [(i + dilation * (s - radius), s) for s in range(kernel)
+            if 0 <= i + dilation * (s - radius) < size]
+  group, position = i % dilation, i // dilation
+  length = len(range(group, size, dilation))
+  start = min(max(position - radius, 0), length - kernel)
+  return [((start + s) * dilation + group, start + s - position + kernel - 1)
+          for s in range(kernel)]
+
+
+def pixel_by_pixel(q, k, v, kernel_size, dilation, borders, rel_h=None, rel_w=None):
+  """The op's definition as a loop over every pixel and head, in float64 numpy: a second
+  formula, independent of the implementations' index tables."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  batch, height, width, heads, depth = q.shape
+  (kh, kw), (dh, dw) = ops.window_shape(kernel_size), _contract.as_dilation(dilation)
+  out = np.zeros_like(q)
+  for b, i, j, n in itertools.product(range(batch), range(height), range(width),
+                                      range(heads)):
+    keys = [(a, c, ra, rc) for a, ra in _axis_keys(i, height, kh, dh, borders)
+            for c, rc in _axis_keys(j, width, kw, dw, borders)]
+    query = q[b, i, j, n]
+    logits = np.array([query @ k[b, a, c, n] + (0.0 if rel_h is None else
+                                                query[:depth // 2] @ np.asarray(rel_h)[ra] +
+                                                query[depth // 2:] @ np.asarray(rel_w)[rc])
+                       for a, c, ra, rc in keys]) * depth**-0.5
+    probs = np.exp(logits - logits.max())
+    out[b, i, j, n] = (probs / probs.sum()) @ np.stack([v[b, a, c, n] for a, c, _, _ in keys])
+  return out
+
+
+@pytest.mark.parametrize("case", OPTION_CASES, ids=str)
+@pytest.mark.parametrize("relative", [False, True])
+def test_reference_with_options_matches_the_definition_pixel_by_pixel(case, relative):
+  (q, k, v), tables = option_inputs(case, relative)
+  kernel_size, dilation, borders = case[5:]
+  got = ops.local_attention(q, k, v, kernel_size=kernel_size, dilation=dilation,
+                            borders=borders, rel_h=tables[0], rel_w=tables[1],
+                            implementation="reference")
+  assert rel_error(got, pixel_by_pixel(q, k, v, kernel_size, dilation, borders,
+                                       *tables)) < 1e-6
+
+
+def test_dilation_one_and_excluded_borders_are_todays_op():
+  shape = (1, 9, 7, 2, 4, 5)
+  (q, k, v), (rel_h, rel_w) = random_inputs(shape, True)
+  want = brute_force(q, k, v, 5, rel_h, rel_w)
+  for implementation in ops.IMPLEMENTATIONS:
+    got = ops.local_attention(q, k, v, kernel_size=5, dilation=(1, 1), borders="exclude",
+                              rel_h=rel_h, rel_w=rel_w, implementation=implementation)
+    assert rel_error(got, want) < 1e-5, implementation
+
+
+def _option_result(implementation, case, dtype, relative=True):
+  (q, k, v), tables = option_inputs(case, relative, dtype)
+  kernel_size, dilation, borders = case[5:]
+  if implementation == "reference":  # In float32, on the dtype-rounded inputs.
+    q, k, v, *tables = (t.astype(jnp.float32) for t in (q, k, v, *tables))
+
+  def op(q, k, v, rel_h, rel_w):
+    return ops.local_attention(q, k, v, kernel_size=kernel_size, dilation=dilation,
+                               borders=borders, rel_h=rel_h, rel_w=rel_w,
+                               implementation=implementation)
+
+  out, vjp = jax.vjp(op, q, k, v, *tables)
+  return out, vjp(_cotangent(case, dtype).astype(out.dtype))
+
+
+@pytest.mark.parametrize("implementation", [None, *FAST_IMPLEMENTATIONS])
+@pytest.mark.parametrize("case", OPTION_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_implementations_with_options_match_reference(implementation, case, dtype):
+  """Forward and all gradients, for every implementation that computes the border mode
+  (and the automatic choice); the others refuse it, naming it."""
+  borders = case[-1]
+  if implementation is not None and borders not in ops.SUPPORTED_BORDERS[implementation]:
+    with pytest.raises(ValueError, match=f"does not compute borders='{borders}'"):
+      _option_result(implementation, case, dtype)
+    return
+  got_out, got = _option_result(implementation, case, dtype)
+  want_out, want = _option_result("reference", case, dtype)
+  assert got_out.dtype == dtype
+  assert rel_error(got_out, want_out) < TOLERANCE[dtype]
+  for got_grad, want_grad in zip(got, want, strict=True):
+    assert rel_error(got_grad, want_grad) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("case", OPTION_CASES, ids=str)
+def test_attention_weights_with_options_place_every_key(case):
+  """The weights, in the window centred on each query, reproduce the output."""
+  (q, k, v), (rel_h, rel_w) = option_inputs(case, True)
+  batch, height, width, heads, depth, kernel_size, dilation, borders = case
+  probs = ops.attention_weights(q, k, kernel_size=kernel_size, dilation=dilation,
+                                borders=borders, rel_h=rel_h, rel_w=rel_w)
+  eh, ew = probs.shape[-2:]
+  (kh, kw), (dh, dw) = ops.window_shape(kernel_size), _contract.as_dilation(dilation)
+  reach = 2 if borders == "shift" else 1
+  assert (eh, ew) == (reach * (kh - 1) * dh + 1, reach * (kw - 1) * dw + 1)
+  np.testing.assert_allclose(probs.sum((-1, -2)), 1.0, rtol=1e-5)
+  assert int((probs > 0).sum((-1, -2)).max()) <= kh * kw
+  padded = jnp.pad(v, ((0, 0), (eh // 2, eh // 2), (ew // 2, ew // 2), (0, 0), (0, 0)))
+  out = sum(probs[..., a, b, None] * padded[:, a:a + height, b:b + width]
+            for a, b in itertools.product(range(eh), range(ew)))
+  want = ops.local_attention(q, k, v, kernel_size=kernel_size, dilation=dilation,
+                             borders=borders, rel_h=rel_h, rel_w=rel_w)
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+
+
+def test_shifted_borders_see_exactly_the_window_everywhere():
+  """Every query of a 7x7 map sees 9 keys at k = 3, the corner's window shifted inside."""
+  q = jnp.zeros((1, 7, 7, 1, 2))
+  probs = ops.attention_weights(q, q, kernel_size=3, borders="shift")  # (.., 5, 5)
+  np.testing.assert_allclose(probs, np.where(probs > 0, 1 / 9, 0), atol=1e-7)
+  assert ((probs > 0).sum((-1, -2)) == 9).all()
+  # The corner's keys are rows and columns 0..2: offsets 0..2 from it.
+  assert np.argwhere(np.asarray(probs[0, 0, 0, 0]) > 0).tolist() == [
+      [a, b] for a in (2, 3, 4) for b in (2, 3, 4)]
+
+
+@pytest.mark.parametrize("overrides, facts", [
+    (dict(dilation=0), ("dilation", "int >= 1", "0")),
+    (dict(dilation=(1, 2, 3)), ("dilation", "pair", "(1, 2, 3)")),
+    (dict(borders="clamp"), ("borders", "'exclude'", "'shift'", "'clamp'")),
+    (dict(borders="shift", kernel_size=5), ("borders='shift'", "width", "4")),
+    (dict(borders="shift", dilation=(1, 2)), ("borders='shift'", "width", "3 * 2")),
+    (dict(borders="shift", rel_h=jnp.zeros((3, 2))), ("rel_h", "2*kh-1", "(5, 2)")),
+    (dict(borders="shift", implementation="shifted"), ("'shifted'", "borders='shift'",
+                                                       "'blocked'")),
+])
+def test_bad_options_raise_clear_errors(overrides, facts):
+  if overrides.get("borders") == "shift" and "rel_h" not in overrides:
+    overrides.update(rel_h=jnp.zeros((5, 2)), rel_w=jnp.zeros((5, 2)))
+  with pytest.raises(ValueError) as error:
+    _call(**overrides)
+  for fact in facts:
+    assert fact in str(error.value), str(error.value)
+
+
+def test_default_implementation_computes_the_border_mode():
+  for height, backend, want in [(56, "cpu", "blocked"), (56, "gpu", "blocked"),
+                                (14, "cpu", "dense"), (28, "tpu", "blocked")]:
+    assert ops.default_implementation(height, height, 7, backend, 8, "shift") == want
+
+
 def test_odd_head_depth_with_relative_tables_is_an_error():
   q = jnp.zeros((1, 5, 4, 2, 3))
   with pytest.raises(ValueError, match="d must be even; got d=3"):

@@ -70,7 +70,7 @@ def test_train_resume_evaluate_from_the_command_line(tmp_path, jax_compilation_c
     (("--config={repo}/configs/imagenet.py:resnet99",),
      "configs/imagenet.py: model must be one of"),
     (("--mode=evaluate", "--workdir={tmp}"), "holds no checkpoints to evaluate"),
-    (("extra",), "Unexpected arguments: extra"),
+    (("extra",), "unexpected arguments: extra"),
 ])
 def test_bad_flags_are_clear_errors(tmp_path, args, message):
   result = run_train_py(*(a.format(tmp=tmp_path, repo=REPO) for a in args),

@@ -112,9 +112,15 @@ def test_checkpoints_of_another_model_are_refused_before_any_step(six_steps, tmp
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
   config = tiny_config(base_learning_rate=1e36, warmup_steps=0, num_train_steps=6,
                        checkpoint_every_steps=1, log_every_steps=6)
-  with pytest.raises(NonFiniteLossError, match=r"at step 2 .*no checkpoint"):
+  with pytest.raises(NonFiniteLossError) as error:
     training.train_and_evaluate(config, str(tmp_path / "run"))
   assert _steps(tmp_path / "run") == [1]  # Step 1 was finite; nothing after it.
+  for fact in ("at step 2", "checkpoint (step 1)", "config.base_learning_rate"):
+    assert fact in str(error.value)
+  with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
+    training.train_and_evaluate(tiny_config(base_learning_rate=1e36, warmup_steps=0,
+                                            num_train_steps=6, checkpoint_every_steps=5,
+                                            log_every_steps=6), str(tmp_path / "other"))
 
 
 class _Source:

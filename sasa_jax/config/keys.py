@@ -123,6 +123,8 @@ def model_overrides() -> ml_collections.ConfigDict:
       "small_inputs": placeholder(bool),  # A stem without downsampling.
       "stem_pool": placeholder(int),  # Max-pooling that ends a small-input stem.
       "kernel_size": placeholder(object),  # Attention window k, or (kh, kw).
+      "dilation": placeholder(object),  # Window pixels this far apart; or one per stage.
+      "borders": placeholder(str),  # 'exclude' (SASA) | 'shift' (neighbourhood attention).
       "num_heads": placeholder(int),
       "positional": placeholder(str),  # 'relative' | 'absolute' | 'none'.
       "content": placeholder(bool),  # False: drop the q.k term (q.r only).

@@ -33,6 +33,12 @@ class LocalSelfAttention(nn.Module):
       7). ``None`` is global attention over the whole feature map, the seed article's
       variant: its relative tables then cover offsets up to ``max_size - 1``, so H and W
       must not exceed ``max_size``.
+    dilation: an int ``>= 1`` (or ``(dh, dw)``): the window's pixels are that far apart
+      (DiNAT's dilation; not in the paper).
+    borders: ``'exclude'`` (the paper's: pixels outside the image are left out of the
+      window) or ``'shift'`` (NATTEN's neighbourhood attention: the window shifts to stay
+      inside the image; its relative tables have ``2 kh - 1`` and ``2 kw - 1`` rows). See
+      ``ops.local_attention``.
     stride: ``s > 1`` downsamples like a stride-``s`` conv, the paper's way: attention at
       the input resolution, then ``s x s`` average pooling with stride ``s`` (floor: an odd
       H loses its last row).
@@ -55,6 +61,8 @@ class LocalSelfAttention(nn.Module):
   features: int
   num_heads: int = 8
   kernel_size: int | tuple[int, int] | None = 7
+  dilation: int | tuple[int, int] = 1
+  borders: str = "exclude"
   stride: int = 1
   positional: str = "relative"
   content: bool = True
@@ -74,11 +82,15 @@ class LocalSelfAttention(nn.Module):
           f"positional={self.positional!r} splits the head depth d = features/num_heads into "
           f"row and column halves, so d must be even; got d={self.features // self.num_heads}.")
     if self.kernel_size is not None:
-      ops.window_shape(self.kernel_size)
+      ops.check_window(self.kernel_size, self.dilation, self.borders)
+    elif self.dilation != 1 or self.borders != "exclude":
+      raise ValueError(
+          f"kernel_size=None (global attention) takes the default dilation=1 and "
+          f"borders='exclude'; got dilation={self.dilation!r}, borders={self.borders!r}.")
     if not isinstance(self.stride, int) or self.stride <= 0:
       raise ValueError(f"stride must be a positive int (1, or 2 to downsample); got "
                        f"{self.stride!r}.")
-    ops.check_implementation(self.implementation)
+    ops.check_implementation(self.implementation, self.borders)
     super().__post_init__()
 
   def _window(self, height: int, width: int) -> tuple[int, int]:
@@ -91,8 +103,9 @@ class LocalSelfAttention(nn.Module):
     return ops.window_shape(self.kernel_size)
 
   def _relative_tables(self, kh: int, kw: int, half: int):
-    """``rel_h (kh, d/2)`` and ``rel_w (kw, d/2)``; for global attention, the centre of
-    ``(2 * max_size - 1, d/2)`` tables."""
+    """``rel_h (kh, d/2)`` and ``rel_w (kw, d/2)`` (with shifted borders ``2 kh - 1`` and
+    ``2 kw - 1`` rows); for global attention, the centre of ``(2 * max_size - 1, d/2)``
+    tables."""
     init = nn.initializers.normal(stddev=(2 * half)**-0.5)
     if self.kernel_size is None:
       full = 2 * self.max_size - 1
@@ -100,8 +113,9 @@ class LocalSelfAttention(nn.Module):
       rel_w = self.param("rel_w", init, (full, half), self.param_dtype)
       return (rel_h[self.max_size - 1 - kh // 2:self.max_size + kh // 2],
               rel_w[self.max_size - 1 - kw // 2:self.max_size + kw // 2])
-    return (self.param("rel_h", init, (kh, half), self.param_dtype),
-            self.param("rel_w", init, (kw, half), self.param_dtype))
+    rows_h, rows_w = ops.relative_table_rows((kh, kw), self.borders)
+    return (self.param("rel_h", init, (rows_h, half), self.param_dtype),
+            self.param("rel_w", init, (rows_w, half), self.param_dtype))
 
   def _absolute_embeddings(self, height: int, width: int, half: int):
     """``(H, W, d)``: the row embedding of each pixel concatenated with its column one."""
@@ -122,7 +136,8 @@ class LocalSelfAttention(nn.Module):
     """``(B, H, W, C)`` -> ``(B, H // stride, W // stride, features)``.
 
     With the ``intermediates`` collection mutable, also sows ``attention_weights``
-    ``(B, H, W, N, kh, kw)`` (see ``ops.attention_weights``).
+    ``(B, H, W, N, eh, ew)``: each pixel's weights in a window centred on it (``kh x kw``
+    with the defaults; see ``ops.attention_weights``).
     """
     common.check_input("LocalSelfAttention", x)
     batch, height, width, _ = x.shape
@@ -141,12 +156,12 @@ class LocalSelfAttention(nn.Module):
       key = key + self._absolute_embeddings(height, width, depth // 2)[:, :, None].astype(
           key.dtype)
 
+    window = dict(kernel_size=(kh, kw), dilation=self.dilation, borders=self.borders)
     if self.is_mutable_collection("intermediates"):
       self.sow("intermediates", "attention_weights",
-               ops.attention_weights(query, key, kernel_size=(kh, kw), rel_h=rel_h,
-                                     rel_w=rel_w))
-    out = ops.local_attention(query, key, value, kernel_size=(kh, kw), rel_h=rel_h,
-                              rel_w=rel_w, implementation=self.implementation)
+               ops.attention_weights(query, key, **window, rel_h=rel_h, rel_w=rel_w))
+    out = ops.local_attention(query, key, value, **window, rel_h=rel_h, rel_w=rel_w,
+                              implementation=self.implementation)
     out = out.reshape(batch, height, width, self.features)
     if self.stride > 1:
       out = nn.avg_pool(out, (self.stride, self.stride), strides=(self.stride, self.stride))

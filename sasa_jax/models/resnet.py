@@ -106,8 +106,11 @@ class ResNet(nn.Module):
       ``stem_pool``).
     stem_pool: with ``small_inputs``, the max-pooling window and stride that end the
       stem; 1: none.
-    kernel_size, num_heads, positional, content, implementation: ``LocalSelfAttention``'s
-      (paper: k = 7, 8 heads, relative positions, content term on).
+    kernel_size, num_heads, positional, content, borders, implementation:
+      ``LocalSelfAttention``'s (paper: k = 7, 8 heads, relative positions, content term
+      on, excluded borders).
+    dilation: ``LocalSelfAttention``'s, an int for every stage or one int per stage, e.g.
+      ``(2, 1)`` (dilated windows in the first of two stages).
     stem_heads, stem_block_size, stem_mixtures: ``AttentionStem``'s ``num_heads``,
       ``block_size`` and ``num_mixtures`` (``stem_mixtures=1`` is a plain attention stem).
     dtype: computation dtype (``None``: inferred); the logits are float32 regardless.
@@ -122,6 +125,8 @@ class ResNet(nn.Module):
   small_inputs: bool = False
   stem_pool: int = 1
   kernel_size: int | tuple[int, int] | None = 7
+  dilation: int | Sequence[int] = 1
+  borders: str = "exclude"
   num_heads: int = 8
   positional: str = "relative"
   content: bool = True
@@ -151,7 +156,7 @@ class ResNet(nn.Module):
     # odd kernel, known positional mode and implementation) run now, before any tracing.
     for stage, spatial in enumerate(self.stage_spatial_layers()):
       if spatial == "attention":
-        self._attention(self.width * 2**stage, parent=None)
+        self._attention(stage)(self.width * 2**stage, parent=None)
     if self.stem == "attention":
       self._attention_stem(parent=None)
     super().__post_init__()
@@ -168,10 +173,24 @@ class ResNet(nn.Module):
           f"entry per stage ({len(self.stage_sizes)} stages); got {self.spatial!r}.")
     return layers
 
-  @property
-  def _attention(self) -> ModuleDef:
+  def stage_dilations(self) -> tuple[int, ...]:
+    """The dilation of each stage's attention; ValueError for an invalid ``dilation``."""
+    if isinstance(self.dilation, Sequence):
+      dilations = tuple(self.dilation)
+    else:
+      dilations = (self.dilation,) * len(self.stage_sizes)
+    if len(dilations) != len(self.stage_sizes) or any(
+        not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dilations):
+      raise ValueError(
+          f"dilation must be an int >= 1, or a sequence of them with one entry per stage "
+          f"({len(self.stage_sizes)} stages); got {self.dilation!r}.")
+    return dilations
+
+  def _attention(self, stage: int) -> ModuleDef:
+    """``LocalSelfAttention`` with the model's settings for ``stage``."""
     return functools.partial(
         LocalSelfAttention, num_heads=self.num_heads, kernel_size=self.kernel_size,
+        dilation=self.stage_dilations()[stage], borders=self.borders,
         positional=self.positional, content=self.content,
         implementation=self.implementation, dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -216,7 +235,7 @@ class ResNet(nn.Module):
       for block in range(num_blocks):
         x = BottleneckBlock(
             width=self.width * 2**stage, stride=2 if stage > 0 and block == 0 else 1,
-            spatial=spatial, conv=conv, norm=norm, attention=self._attention,
+            spatial=spatial, conv=conv, norm=norm, attention=self._attention(stage),
             name=f"stage{stage + 1}_block{block + 1}")(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -8,15 +8,21 @@ for every pixel ``(i, j)`` and head, attention over its ``kh x kw`` memory block
     out_ij = sum over in-image (a, b) with |a-i| <= rh, |b-j| <= rw of
              softmax(logit) * v_ab
 
-Neighbours outside the image are excluded from the softmax (not zero-padded). Every name
-in ``IMPLEMENTATIONS`` computes this same function.
+Neighbours outside the image are excluded from the softmax (not zero-padded). Two options
+go beyond the paper: ``dilation`` (the window's pixels ``δ`` apart, DiNAT's) and
+``borders='shift'`` (the window shifted to stay inside the image, NATTEN's neighbourhood
+attention); ``_contract`` defines both exactly. Every name in ``IMPLEMENTATIONS`` computes
+this same function (``SUPPORTED_BORDERS``: which take shifted borders).
 """
 
-from sasa_jax.ops.local_attention import (IMPLEMENTATIONS, attention_weights,
-                                          check_implementation, default_implementation,
-                                          local_attention, window_shape)
+from sasa_jax.ops.local_attention import (BORDERS, IMPLEMENTATIONS, SUPPORTED_BORDERS,
+                                          attention_weights, check_implementation,
+                                          check_window, default_implementation,
+                                          local_attention, relative_table_rows,
+                                          window_shape)
 
 __all__ = [
-    "IMPLEMENTATIONS", "attention_weights", "check_implementation", "default_implementation",
-    "local_attention", "window_shape"
+    "BORDERS", "IMPLEMENTATIONS", "SUPPORTED_BORDERS", "attention_weights",
+    "check_implementation", "check_window", "default_implementation", "local_attention",
+    "relative_table_rows", "window_shape"
 ]

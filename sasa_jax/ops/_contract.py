@@ -3,10 +3,24 @@
 Shapes used throughout the ops package:
 
 * ``B`` batch, ``H x W`` image, ``N`` heads, ``d`` head depth;
-* ``kh x kw`` the odd window, ``rh = kh // 2`` and ``rw = kw // 2`` its radii.
+* ``kh x kw`` the odd window, ``rh = kh // 2`` and ``rw = kw // 2`` its radii;
+* ``dh, dw`` the dilation, the distance between the window's pixels along each axis.
 
-All checks run on static shapes in Python, so a bad argument raises ``ValueError`` while
-tracing, before anything is compiled.
+The window of a query along one axis (rows; columns work the same way), at dilation δ:
+
+* ``borders='exclude'`` (SASA's): the neighbours of row ``i`` are ``i + δ·s`` for
+  ``s = -kh//2 .. kh//2``, those inside the image; ``rel_h`` has ``kh`` rows and offset
+  ``s`` uses row ``s + kh//2``.
+* ``borders='shift'`` (neighbourhood attention, as NATTEN defines it): row ``i`` belongs
+  to the dilation group ``g = i mod δ``, whose ``L`` positions ``g, g + δ, ...`` are inside
+  the image; in group coordinates ``i' = i // δ`` the window starts at
+  ``start = clamp(i' - kh//2, 0, L - kh)`` and its keys are the rows ``(start + s)·δ + g``
+  for ``s = 0 .. kh-1``, all inside the image; ``rel_h`` has ``2·kh - 1`` rows and key
+  ``start + s`` uses row ``start + s - i' + kh - 1``. Needs ``H >= kh·δ``.
+
+:func:`axis_window` tabulates this, the one definition that ``reference`` and every
+static mask follow. All checks run on static shapes in Python, so a bad argument raises
+``ValueError`` while tracing, before anything is compiled.
 """
 
 from __future__ import annotations
@@ -25,12 +39,24 @@ import numpy as np
 MASKED_LOGIT = -1e30
 
 
+BORDERS = ("exclude", "shift")
+
+
 @dataclasses.dataclass(frozen=True)
 class Window:
-  """An odd ``kh x kw`` attention window."""
+  """An odd ``kh x kw`` attention window, its ``dilation`` ``(dh, dw)`` and what happens
+  at the borders (one of ``BORDERS``). Only ``reference`` takes a dilation above 1; for
+  the others it is reduced to dilation 1 on sub-grids first (``sasa_jax.ops.subgrids``)."""
 
   kh: int
   kw: int
+  borders: str = "exclude"
+  dilation: tuple[int, int] = (1, 1)
+
+  def axes(self, height: int, width: int) -> tuple[AxisWindow, AxisWindow]:
+    """The :class:`AxisWindow` of the rows and of the columns of an ``H x W`` image."""
+    return (axis_window(height, self.kh, self.dilation[0], self.borders),
+            axis_window(width, self.kw, self.dilation[1], self.borders))
 
   @property
   def rh(self) -> int:
@@ -40,9 +66,18 @@ class Window:
   def rw(self) -> int:
     return self.kw // 2
 
+  @property
+  def table_rows(self) -> tuple[int, int]:
+    """The rows of ``rel_h`` and ``rel_w``: the offsets a key can have from its query."""
+    if self.borders == "shift":
+      return 2 * self.kh - 1, 2 * self.kw - 1
+    return self.kh, self.kw
 
-def as_window(kernel_size: int | Sequence[int]) -> Window:
-  """Normalizes ``kernel_size`` (an odd int or a pair of odd ints) to a ``Window``."""
+
+def as_window(kernel_size: int | Sequence[int], dilation: int | Sequence[int] = 1,
+              borders: str = "exclude") -> Window:
+  """The ``Window`` of ``kernel_size`` (an odd int or a pair of odd ints), ``dilation``
+  (``as_dilation``) and ``borders`` (one of ``BORDERS``)."""
   if isinstance(kernel_size, numbers.Integral) and not isinstance(kernel_size, bool):
     sizes = (int(kernel_size), int(kernel_size))
   elif (isinstance(kernel_size, Sequence) and len(kernel_size) == 2 and all(
@@ -56,7 +91,25 @@ def as_window(kernel_size: int | Sequence[int]) -> Window:
     raise ValueError(
         f"kernel_size must be positive and odd in each dimension (1, 3, 5, ...) so that the "
         f"window is centred on its query; got {kernel_size!r}.")
-  return Window(*sizes)
+  check_borders(borders)
+  return Window(*sizes, borders=borders, dilation=as_dilation(dilation))
+
+
+def as_dilation(dilation: int | Sequence[int]) -> tuple[int, int]:
+  """``(dh, dw)`` of ``dilation`` (an int >= 1, or a pair of them)."""
+  if isinstance(dilation, numbers.Integral) and not isinstance(dilation, bool):
+    dilation = (int(dilation), int(dilation))
+  if (isinstance(dilation, Sequence) and len(dilation) == 2 and all(
+      isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1
+      for d in dilation)):
+    return int(dilation[0]), int(dilation[1])
+  raise ValueError(f"dilation must be an int >= 1 or a pair (dh, dw) of them; got "
+                   f"{dilation!r}.")
+
+
+def check_borders(borders: str) -> None:
+  if borders not in BORDERS:
+    raise ValueError(f"borders must be one of {list(BORDERS)}; got {borders!r}.")
 
 
 def check_arguments(query, key, value, window: Window, rel_h, rel_w, scale):
@@ -77,6 +130,14 @@ def check_arguments(query, key, value, window: Window, rel_h, rel_w, scale):
         f"query, key and value must have the same dtype; got {query.dtype}, {key.dtype}, "
         f"{value.dtype}.")
   d = query.shape[-1]
+  if window.borders == "shift":
+    for axis, size, kernel, step in (("height", query.shape[1], window.kh, window.dilation[0]),
+                                     ("width", query.shape[2], window.kw, window.dilation[1])):
+      if size < kernel * step:
+        raise ValueError(
+            f"borders='shift' keeps every window inside the image, so the image {axis} "
+            f"must be at least kernel_size * dilation = {kernel} * {step} = "
+            f"{kernel * step}; got {axis} {size}.")
   if (rel_h is None) != (rel_w is None):
     raise ValueError("rel_h and rel_w must be given together (or both left as None).")
   if rel_h is not None:
@@ -84,12 +145,15 @@ def check_arguments(query, key, value, window: Window, rel_h, rel_w, scale):
       raise ValueError(
           f"relative logits split the head depth d into a row half and a column half, so d "
           f"must be even; got d={d}.")
-    for name, table, size in (("rel_h", rel_h, window.kh), ("rel_w", rel_w, window.kw)):
+    rows_h, rows_w = window.table_rows
+    for name, table, size in (("rel_h", rel_h, rows_h), ("rel_w", rel_w, rows_w)):
       if getattr(table, "shape", None) != (size, d // 2):
+        k = "kh" if name == "rel_h" else "kw"
+        rows = f"2*{k}-1" if window.borders == "shift" else k
         raise ValueError(
-            f"{name} must have shape ({'kh' if name == 'rel_h' else 'kw'}, d//2) = "
-            f"({size}, {d // 2}) for kernel_size=({window.kh}, {window.kw}) and d={d}; got "
-            f"{getattr(table, 'shape', None)}.")
+            f"{name} must have shape ({rows}, d//2) = ({size}, {d // 2}) for "
+            f"kernel_size=({window.kh}, {window.kw}), borders={window.borders!r} and d={d}; "
+            f"got {getattr(table, 'shape', None)}.")
   if scale is None:
     return d**-0.5
   if not isinstance(scale, numbers.Real) or not np.isfinite(scale) or scale <= 0:
@@ -97,27 +161,48 @@ def check_arguments(query, key, value, window: Window, rel_h, rel_w, scale):
   return float(scale)
 
 
-def neighbour_mask(size: int, offsets: int, radius: int, start: np.ndarray) -> np.ndarray:
-  """Which 1-D neighbours are in the image: ``0 <= start + o - radius < size``.
+@dataclasses.dataclass(frozen=True)
+class AxisWindow:
+  """Every query's window along one axis of ``size`` positions (static numpy tables).
 
-  Args:
-    size: the image extent along this axis.
-    offsets: the number of neighbour slots per query along this axis.
-    radius: subtracted from the slot index to get the offset from ``start``.
-    start: integer array of query positions (any shape).
-
-  Returns:
-    bool array of shape ``start.shape + (offsets,)``.
+  Attributes:
+    keys: ``(size, kernel)`` int: the position of slot ``s`` of query ``i``'s window
+      (clipped into the image where it is outside).
+    inside: ``(size, kernel)`` bool: that position is inside the image (always, with
+      ``borders='shift'``).
+    rows: ``(size, kernel)`` int: the row of the relative table slot ``s`` uses.
+    table_rows: the relative table's rows (``kernel``, or ``2 * kernel - 1``).
   """
-  positions = start[..., None] + np.arange(offsets) - radius
-  return (positions >= 0) & (positions < size)
+
+  keys: np.ndarray
+  inside: np.ndarray
+  rows: np.ndarray
+  table_rows: int
+
+
+def axis_window(size: int, kernel: int, dilation: int = 1, borders: str = "exclude"
+                ) -> AxisWindow:
+  """The windows of every position of an axis; the module docstring defines them."""
+  i = np.arange(size)[:, None]
+  s = np.arange(kernel)[None, :]
+  radius = kernel // 2
+  if borders == "exclude":
+    keys = i + dilation * (s - radius)
+    inside = (keys >= 0) & (keys < size)
+    return AxisWindow(np.clip(keys, 0, size - 1), inside,
+                      np.broadcast_to(s, (size, kernel)).copy(), kernel)
+  group, position = i % dilation, i // dilation
+  length = (size - group + dilation - 1) // dilation  # Positions of each query's group.
+  start = np.clip(position - radius, 0, length - kernel)
+  keys = (start + s) * dilation + group
+  return AxisWindow(keys, np.ones((size, kernel), bool), start + s - position + kernel - 1,
+                    2 * kernel - 1)
 
 
 def window_mask(height: int, width: int, window: Window) -> np.ndarray:
-  """``(H, W, kh * kw)`` bool: is neighbour ``(a, b)`` of pixel ``(i, j)`` in the image."""
-  rows = neighbour_mask(height, window.kh, window.rh, np.arange(height))
-  cols = neighbour_mask(width, window.kw, window.rw, np.arange(width))
-  mask = rows[:, None, :, None] & cols[None, :, None, :]
+  """``(H, W, kh * kw)`` bool: is slot ``(a, b)`` of pixel ``(i, j)`` in the image."""
+  rows, cols = window.axes(height, width)
+  mask = rows.inside[:, None, :, None] & cols.inside[None, :, None, :]
   return mask.reshape(height, width, window.kh * window.kw)
 
 

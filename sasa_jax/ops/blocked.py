@@ -8,8 +8,11 @@ value blocks (slices and concatenations, whose gradients are pad-and-add), so K 
 copied ``((b + k - 1) / b)^2`` times rather than ``k^2`` times.
 
 The mask factorises into a row part and a column part (a neighbour is kept iff its row
-offset and its column offset are both inside the window and the image), and so does the
-relative logit (a row term plus a column term): both are built per axis.
+and its column are both in the query's window and the image), and so does the relative
+logit (a row term plus a column term): both are built per axis, from the windows of
+``_contract.axis_window``, so either border mode works. With shifted borders a block's
+keys reach up to ``kh - 1`` rows beyond it on either side (a window clamped at a border
+starts up to ``kh - 1`` rows before its query), so its halo is ``bh + 2 (kh - 1)`` rows.
 
 ``dense`` is the same computation with a single block holding the whole image and the
 image itself as its halo: the implementation for global attention.
@@ -54,27 +57,29 @@ def _query_blocks(x, axis: int, block: int, num_blocks: int):
   return padded.reshape(*x.shape[:axis], num_blocks, block, *x.shape[axis + 1:])
 
 
-def _axis_geometry(size: int, block: int, halo: int, kernel: int, key_origin: int):
+def _axis_geometry(axis: _contract.AxisWindow, block: int, halo: int, key_origin: int):
   """Static per-axis tables for one image axis.
 
   Query ``q`` of block ``t`` sits at ``t * block + q``; halo slot ``h`` of that block holds
-  the key at ``t * block + key_origin + h``, i.e. at window slot ``h + key_origin - q + r``.
+  the key at ``t * block + key_origin + h``.
 
   Returns:
-    mask: ``(num_blocks, block, halo)`` bool, the key is in the query's window and inside
-      the image.
-    offset_onehot: ``(block, halo, kernel)`` float32, one-hot of the window slot (the index
-      into the relative table), zero where it is outside the window.
+    mask: ``(num_blocks, block, halo)`` bool, the key is in the query's window (and so
+      inside the image).
+    row_onehot: ``(num_blocks, block, halo, table rows)`` float32, one-hot of the
+      relative table's row that the key uses, zero where it is not in the window.
   """
-  radius = kernel // 2
+  size = len(axis.keys)
   num_blocks = math.ceil(size / block)
-  slot = np.arange(halo)[None, :] + key_origin + radius - np.arange(block)[:, None]
-  in_window = (slot >= 0) & (slot < kernel)
-  key_start = np.arange(num_blocks)[:, None] * block + key_origin + radius
-  in_image = _contract.neighbour_mask(size, halo, radius, key_start)  # (blocks, 1, halo)
-  mask = in_window[None] & in_image
-  offset_onehot = (slot[..., None] == np.arange(kernel)).astype(np.float32)
-  return mask, offset_onehot
+  queries = np.minimum(np.arange(num_blocks * block), size - 1)  # Padding: the last.
+  keys = (np.arange(num_blocks)[:, None] * block + key_origin + np.arange(halo)[None, :])
+  # (blocks, block, halo, kernel): slot s of the query's window is this halo key.
+  match = ((axis.keys[queries].reshape(num_blocks, block, 1, -1) ==
+            keys[:, None, :, None]) &
+           axis.inside[queries].reshape(num_blocks, block, 1, -1))
+  rows = axis.rows[queries].reshape(num_blocks, block, 1, -1, 1)
+  row_onehot = (match[..., None] & (rows == np.arange(axis.table_rows))).any(axis=3)
+  return match.any(axis=-1), row_onehot.astype(np.float32)
 
 
 def _attend_blocks(q, k, v, rows, cols, rel_h, rel_w, scale):
@@ -93,9 +98,9 @@ def _attend_blocks(q, k, v, rows, cols, rel_h, rel_w, scale):
   lh, lw = k.shape[4:6]
   logits = jnp.einsum("bxynqrd,bxynhwd->bxynqrhw", q, k, preferred_element_type=jnp.float32)
   if rel_h is not None:
-    logit_h, logit_w = _contract.relative_logits(q, rel_h, rel_w)  # (..., bh, bw, kh|kw)
-    logit_h = jnp.einsum("bxynqrt,qht->bxynqrh", logit_h, onehot_h)
-    logit_w = jnp.einsum("bxynqrt,rwt->bxynqrw", logit_w, onehot_w)
+    logit_h, logit_w = _contract.relative_logits(q, rel_h, rel_w)  # (..., bh, bw, rows)
+    logit_h = jnp.einsum("bxynqrt,xqht->bxynqrh", logit_h, onehot_h)
+    logit_w = jnp.einsum("bxynqrt,yrwt->bxynqrw", logit_w, onehot_w)
     logits = logits + logit_h[..., :, None] + logit_w[..., None, :]
   # (nh, 1, 1, bh, 1, lh, 1) & (1, nw, 1, 1, bw, 1, lw) -> (nh, nw, 1, bh, bw, lh, lw)
   mask = mask_h[:, None, None, :, None, :, None] & mask_w[None, :, None, None, :, None, :]
@@ -123,19 +128,24 @@ def blocked(query, key, value, *, window, rel_h, rel_w, scale,
   _, height, width, _, _ = query.shape
   bh, bw = min(block_size, height), min(block_size, width)
   nh, nw = math.ceil(height / bh), math.ceil(width / bw)
-  lh, lw = bh + window.kh - 1, bw + window.kw - 1
+  # How far a block's keys reach before it (after it likewise).
+  if window.borders == "shift":
+    reach_h, reach_w = window.kh - 1, window.kw - 1
+  else:
+    reach_h, reach_w = window.rh, window.rw
+  lh, lw = bh + 2 * reach_h, bw + 2 * reach_w
 
   # (B, nh, bh, nw, bw, N, d) -> (B, nh, nw, N, bh, bw, d)
   q = _query_blocks(_query_blocks(query, 1, bh, nh), 3, bw, nw).transpose(0, 1, 3, 5, 2, 4, 6)
 
   def halos(x):  # (B, H, W, N, d) -> (B, nh, nw, N, lh, lw, d)
-    rows = _halo_blocks(x, 1, bh, nh, window.rh, lh)
-    return _halo_blocks(rows, 3, bw, nw, window.rw, lw).transpose(0, 1, 3, 5, 2, 4, 6)
+    rows = _halo_blocks(x, 1, bh, nh, reach_h, lh)
+    return _halo_blocks(rows, 3, bw, nw, reach_w, lw).transpose(0, 1, 3, 5, 2, 4, 6)
 
+  axis_h, axis_w = window.axes(height, width)
   out = _attend_blocks(q, halos(key), halos(value),
-                       _axis_geometry(height, bh, lh, window.kh, -window.rh),
-                       _axis_geometry(width, bw, lw, window.kw, -window.rw),
-                       rel_h, rel_w, scale)
+                       _axis_geometry(axis_h, bh, lh, -reach_h),
+                       _axis_geometry(axis_w, bw, lw, -reach_w), rel_h, rel_w, scale)
   return _unblock(out, height, width, query.dtype)
 
 
@@ -150,8 +160,8 @@ def dense(query, key, value, *, window, rel_h, rel_w, scale):
   def one_block(x):  # (B, H, W, N, d) -> (B, 1, 1, N, H, W, d)
     return x.transpose(0, 3, 1, 2, 4)[:, None, None]
 
+  axis_h, axis_w = window.axes(height, width)
   out = _attend_blocks(one_block(query), one_block(key), one_block(value),
-                       _axis_geometry(height, height, height, window.kh, 0),
-                       _axis_geometry(width, width, width, window.kw, 0),
-                       rel_h, rel_w, scale)
+                       _axis_geometry(axis_h, height, height, 0),
+                       _axis_geometry(axis_w, width, width, 0), rel_h, rel_w, scale)
   return _unblock(out, height, width, query.dtype)

@@ -24,8 +24,9 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_step: int | None = None
   writes them to ``<workdir>/evaluation.json``.
 
   ``config=None`` uses the config saved with the checkpoint, with ``overrides``
-  (``{'eval_split': 'test[:50%]', ...}``: dotted keys) applied; only the keys that do not
-  change the trained model may be overridden (``keys.settable_when_evaluating``). The
+  (``{'eval_split': 'test[:50%]', ...}``: dotted keys) applied; an override that would
+  change the trained model or its recipe (a key of scope ``run`` that
+  ``keys.settable_when_evaluating`` does not list, with another value) is refused. The
   top-level metrics are those of the EMA weights when the run keeps an EMA (the
   paper's), else of the raw weights; both are in the file. Nothing in the workdir
   changes but that file.
@@ -97,14 +98,7 @@ def evaluation_check(config):
 def _saved_config(checkpointer: Checkpointer, step: int | None,
                   overrides: Mapping[str, Any]):
   """The config saved with checkpoint ``step`` (None: the newest readable one), with
-  ``overrides`` of the keys that evaluation may set."""
-  may_differ = keys.settable_when_evaluating()
-  refused = sorted(k for k in overrides if k.split(".")[0] not in may_differ)
-  if refused:
-    raise ConfigError(
-        f"{', '.join(f'--config.{k}' for k in refused)}: evaluating a checkpoint uses the "
-        f"model and the recipe saved with it; only "
-        f"{', '.join(f'--config.{k}' for k in sorted(may_differ))} may be set.")
+  ``overrides`` that do not change the trained model or its recipe."""
   saved = (checkpointer.newest_config() if step is None
            else checkpointer.saved_config(step))
   if saved is None:
@@ -112,4 +106,13 @@ def _saved_config(checkpointer: Checkpointer, step: int | None,
                        f"config; pass --config.")
   config = ml_collections.ConfigDict(checks.with_defaults(saved))
   config.update_from_flattened_dict(dict(overrides))
+  may_differ = keys.settable_when_evaluating()
+  refused = {k: v for k, v in checks.differences(saved, checks.config_to_dict(config)).items()
+             if checks.scope(k) is keys.Scope.RUN and k.split(".")[0] not in may_differ}
+  if refused:
+    raise ConfigError(
+        f"{', '.join(f'--config.{k}={now!r}' for k, (_, now) in refused.items())}: "
+        f"evaluating a checkpoint uses the model and the recipe saved with it "
+        f"({', '.join(f'{k}={was!r}' for k, (was, _) in refused.items())}); "
+        f"--config.<key>= may set {', '.join(sorted(may_differ))}.")
   return config.lock()
