@@ -64,13 +64,17 @@ def get_config(model: str = "sasa_fmnist"):
 class Variant:
   """One arm of an ablation: a label, its config overrides, the paper's top-1 (%); for an
   ablation along an axis (the width), the ``series`` it belongs to (the model) and its
-  ``x`` on the axis."""
+  ``x`` on the axis; ``seeds`` where it has more than its ablation's."""
 
   label: str
   overrides: dict
   paper: float | None = None
   series: str | None = None
   x: float | None = None
+  seeds: int | None = None
+
+  def num_seeds(self, ablation: "Ablation") -> int:
+    return self.seeds or ablation.seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +104,10 @@ def _conv_stem(label, paper, **model_overrides):
 WIDTHS = (16, 32, 64)
 
 
-def _at_width(base: Variant, width: int) -> Variant:
+def _at_width(base: Variant, width: int, seeds: int | None = None) -> Variant:
   return Variant(f"{base.label}, C = {width}",
                  {**base.overrides, "model_overrides.width": width}, base.paper,
-                 series=base.label, x=width)
+                 series=base.label, x=width, seeds=seeds)
 
 
 ABLATIONS = (
@@ -137,7 +141,9 @@ ABLATIONS = (
     Ablation("width", "Width: does attention catch up with convolution? (Table 1's regime)",
              "As the layers widen, does attention close its gap to convolution, as the "
              "FLOP balance 3·k²·C vs 9·C² predicts?", 2,
-             tuple(_at_width(v, w) for v in (CONV, CONV_STEM) for w in WIDTHS)),
+             (*(_at_width(v, w, seeds=3 if w == WIDTHS[-1] else None)
+                for v in (CONV, CONV_STEM) for w in WIDTHS),
+              _at_width(FULL, WIDTHS[-1]))),
 )
 
 # Overrides given to every run of the sweep: the same recipe and budget for all variants.
@@ -168,5 +174,6 @@ def sweep(add, ablations=ABLATIONS, max_seeds=None):
   added once per ablation; the runner trains it once."""
   for ablation in ablations:
     for variant in ablation.variants:
-      for seed in range(min(ablation.seeds, max_seeds or ablation.seeds)):
+      seeds = variant.num_seeds(ablation)
+      for seed in range(min(seeds, max_seeds or seeds)):
         add(**variant.overrides, seed=seed)

@@ -101,7 +101,7 @@ def variant_runs(ablation, variant, runs: Mapping[str, Mapping[str, Any]]) -> li
   """The names of ``variant``'s runs among ``runs`` for the seeds of ``ablation``."""
   key = canonical(variant.overrides)
   return [name for name, overrides in runs.items()
-          if overrides.get("seed", 0) < ablation.seeds and
+          if overrides.get("seed", 0) < variant.num_seeds(ablation) and
           {k: v for k, v in overrides.items() if k != "seed"} == key]
 
 

@@ -61,7 +61,8 @@ def _variant_rows(ablation, groups, results, scalars):
     rates = [float(np.median(scalars[n]["train/images_per_second"][1])) for n in names
              if "train/images_per_second" in scalars[n]]
     rows.append(dict(
-        label=variant.label, paper=variant.paper, names=names,
+        label=variant.label, paper=variant.paper, names=names, series=variant.series,
+        x=variant.x,
         accuracies=[results[n]["eval"]["accuracy"] for n in names],
         params=first["params"], flops=first["flops"],
         images_per_second=statistics.median(rates) if rates else float("nan")))
@@ -105,6 +106,72 @@ def _bar_chart(path: str, ablation, rows) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def _series(rows) -> dict[str, list[dict]]:
+  """``{series: its rows in the order of x}`` of an ablation along an axis."""
+  series = {}
+  for row in rows:
+    series.setdefault(row["series"], []).append(row)
+  return {name: sorted(rs, key=lambda r: r["x"]) for name, rs in series.items()}
+
+
+def _accuracy_plot(path: str, ablation, rows) -> None:
+  """Test accuracy against the axis (the width), one line per series, with error bars."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(5.6, 3.8))
+  for name, rs in _series(rows).items():
+    xs = [r["x"] for r in rs]
+    means = [100 * np.mean(r["accuracies"]) for r in rs]
+    stds = [100 * np.std(r["accuracies"], ddof=1) if len(r["accuracies"]) > 1 else 0.0
+            for r in rs]
+    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=5, label=name)
+    for x, r in zip(xs, rs):
+      ax.plot([x] * len(r["accuracies"]), 100 * np.array(r["accuracies"]), "k.", ms=3)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(sorted({r["x"] for r in rows}), [f"{r:g}" for r in sorted({r["x"] for r in rows})])
+  ax.set(xlabel="width C (first stage)", ylabel="test accuracy (%)")
+  ax.set_title(ablation.title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def gaps(rows) -> list[dict]:
+  """Per axis value and series other than the first: ``{x, series, gap, error}``, the
+  difference of mean accuracies (this series minus the first, in points) and its standard
+  error ``sqrt(s1²/n1 + s2²/n2)`` from the sample variances over seeds."""
+  series = _series(rows)
+  baseline_name, *others = series
+  baseline = {r["x"]: r for r in series[baseline_name]}
+  out = []
+  for name in others:
+    for row in series[name]:
+      base = baseline.get(row["x"])
+      if base is None:
+        continue
+      variance = sum(np.var(r["accuracies"], ddof=1) / len(r["accuracies"])
+                     for r in (row, base) if len(r["accuracies"]) > 1)
+      out.append(dict(x=row["x"], series=name, baseline=baseline_name,
+                      gap=100 * (np.mean(row["accuracies"]) - np.mean(base["accuracies"])),
+                      error=100 * float(np.sqrt(variance))))
+  return out
+
+
+def _gap_table(rows) -> list[str]:
+  lines = ["| width | model | − conv baseline (points) | seeds |", "|---|---|---|---|"]
+  for g in gaps(rows):
+    seeds = "/".join(str(len(r["accuracies"])) for r in rows
+                     if r["x"] == g["x"] and r["series"] in (g["series"], g["baseline"]))
+    lines.append(f"| {g['x']:g} | {g['series']} | {g['gap']:+.2f} ± {g['error']:.2f} | "
+                 f"{seeds} |")
+  return lines
 
 
 def _learning_curves(path: str, ablation, rows, scalars) -> None:
@@ -174,7 +241,12 @@ def write(workdir: str, ablations: Sequence[Any],
       lines.append("No finished runs yet.")
       continue
     lines += _table(rows)
-    _bar_chart(os.path.join(workdir, f"{ablation.name}.png"), ablation, rows)
+    if all(row["series"] for row in rows):  # An ablation along an axis.
+      lines += ["", "The gap, mean accuracy minus the conv baseline's at the same width, "
+                "± its standard error:", ""] + _gap_table(rows)
+      _accuracy_plot(os.path.join(workdir, f"{ablation.name}.png"), ablation, rows)
+    else:
+      _bar_chart(os.path.join(workdir, f"{ablation.name}.png"), ablation, rows)
     _learning_curves(os.path.join(workdir, f"{ablation.name}_curves.png"), ablation, rows,
                      scalars)
     lines += ["", f"![{ablation.name}]({ablation.name}.png)",

@@ -30,9 +30,10 @@ def test_the_sweep_covers_the_papers_comparisons_with_shared_runs():
   runs, groups = _groups()
   assert set(groups) == {"table1", "kernel", "positional", "content", "stem", "conv_early",
                          "width"}
-  for name, variants in groups.items():
-    seeds = 3 if name in ("table1", "positional") else 2
-    assert all(len(names) == seeds for names in variants.values()), name
+  for ablation in fashion_mnist.ABLATIONS:
+    for variant in ablation.variants:
+      seeds = 3 if ablation.name in ("table1", "positional") or variant.x == 64 else 2
+      assert len(groups[ablation.name][variant.label]) == seeds, variant.label
   # The same config is one run: the conv-stem k = 7 relative model is Table 1's middle
   # column, k = 7, "relative", "q.k + q.r", the stem ablation's conv stem and "all
   # attention".
@@ -46,7 +47,9 @@ def test_the_sweep_covers_the_papers_comparisons_with_shared_runs():
   assert groups["kernel"]["k = 9"] == ["sasa_fmnist_conv_stem-kernel_size=9-seed=0",
                                        "sasa_fmnist_conv_stem-kernel_size=9-seed=1"]
   all_names = [n for variants in groups.values() for names in variants.values() for n in names]
-  assert set(all_names) == set(runs) and len(runs) == 35
+  assert set(all_names) == set(runs) and len(runs) == 39
+  # The width ablation's C = 16 runs are Table 1's.
+  assert groups["width"]["conv stem + attention, C = 16"] == base[:2]
   # Quick: at most two seeds per variant.
   quick, _ = _groups(fashion_mnist.MAX_SEEDS["quick"])
   assert set(quick) < set(runs) and not any("seed=2" in n for n in quick)

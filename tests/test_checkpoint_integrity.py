@@ -1,5 +1,5 @@
-"""The pieces behind a workdir's integrity: array checksums, the workdir lock, and the
-one-line description of a storage error."""
+"""The pieces behind a workdir's integrity: array checksums, the workdir lock, reading
+beside a run in progress, and the one-line description of a storage error."""
 
 from __future__ import annotations
 
@@ -7,14 +7,21 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
+import signal
+import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from sasa_jax.errors import WorkdirError
 from sasa_jax.workdir import checksums, orbax_errors
 from sasa_jax.workdir import lock as workdir_lock
+from sasa_jax.workdir import signals
+from sasa_jax.workdir.checkpointer import Checkpointer
 
 DTYPES = [np.float32, jnp.bfloat16, np.int32, np.uint8, np.bool_]
 
@@ -89,3 +96,48 @@ def test_storage_errors_in_one_line():
       "No space left on device (/w/checkpoints/40.orbax-checkpoint-tmp/state/d/94c0)")
   assert orbax_errors.describe_error(KeyError('Item "config" was not found.')) == (
       'Item "config" was not found')
+
+
+def test_a_checkpoint_removed_while_it_is_read_is_not_damaged(tmp_path, caplog):
+  """An evaluation beside a run in progress: the run removes its oldest checkpoint
+  (max_to_keep) while the reader reads it. The reader takes the newest one that exists,
+  calls nothing damaged and moves nothing."""
+  config = tiny_config()
+  with Checkpointer(str(tmp_path), async_checkpointing=False) as writer:
+    for step in (2, 4, 6):
+      writer.save(step, {"w": jnp.full(3, step, jnp.float32)},
+                  {"next_batch": step}, config)
+  reader = Checkpointer(str(tmp_path), read_only=True)
+  read = reader.restore_checked
+
+  def rotated_while_read(step, *args):
+    if step == 6:  # The run saves step 8 and removes 6 (keeping 4 and 8, say) ...
+      shutil.rmtree(tmp_path / "checkpoints" / "6")
+      shutil.rmtree(tmp_path / "checkpoints" / "4")
+    return read(step, *args)
+
+  reader.restore_checked = rotated_while_read
+  abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  with caplog.at_level(logging.INFO):
+    step, state, _ = reader.restore_latest(abstract, lambda saved, source: None)
+  reader.close()
+  assert step == 2 and state["w"].tolist() == [2.0] * 3
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+  assert "removed while it was read" in caplog.text
+  assert not (tmp_path / "corrupt_checkpoints").exists()
+
+
+def test_ctrl_c_stops_after_the_step_and_a_second_one_at_once(capfd):
+  stop = signals.StopOnSignals(num_processes=1)
+  with stop:
+    stop.training_started(checkpointer=object())
+    assert not stop.requested(3)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)  # The handler runs here.
+    assert stop.requested(3) and stop.received == signal.SIGINT
+    assert "stopping after the current step" in capfd.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+

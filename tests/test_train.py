@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -232,6 +233,29 @@ def test_train_resume_evaluate_in_process(make_config, tmp_path):
   assert earlier["step"] == 2 and earlier["loss"] != on_disk["loss"]
   with pytest.raises(ConfigError, match=r"available steps: \[2, 4, 6\]"):
     training.evaluate_checkpoint(None, resumed_dir, checkpoint_step=5)
+
+
+def test_extending_a_finished_run_says_what_it_does_to_the_schedule(make_config, tmp_path,
+                                                                     caplog):
+  """The schedule is recomputed for the new length: the warning gives the learning rate
+  the step after the checkpoint gets, and the one the finished schedule had there."""
+  workdir = str(tmp_path / "run")
+  training.train_and_evaluate(make_config(num_train_steps=4), workdir)
+  longer = make_config(num_train_steps=8)
+  with caplog.at_level(logging.WARNING):
+    extended = training.train_and_evaluate(longer, workdir)
+  assert (extended["start_step"], extended["step"]) == (4, 8)
+  new, old = (float(_schedule(make_config(num_train_steps=n))(4)) for n in (8, 4))
+  assert old == 0.0 and new > 0.01  # A cosine that had ended, and one at its middle.
+  for fact in ("planned for 4 steps and now has 8", "step 5", f"{new:.4g}", f"{old:.4g}"):
+    assert fact in caplog.text, caplog.text
+
+
+def test_a_warm_up_as_long_as_the_run_is_pointed_out(make_config, tmp_path, caplog):
+  with caplog.at_level(logging.WARNING):
+    training.train_and_evaluate(make_config(num_train_steps=2, warmup_steps=3),
+                                str(tmp_path / "run"))
+  assert "warm-up (3 steps) is not shorter than the run (2 steps)" in caplog.text
 
 
 @pytest.mark.slow

@@ -32,8 +32,10 @@ def _ok(result) -> str:
 
 @pytest.mark.slow
 def test_train_resume_evaluate_from_the_command_line(tmp_path, jax_compilation_cache):
-  # No --workdir: ./workdirs/default, and the run says where it wrote.
-  out = _ok(run_train_py(*TINY, "--config.num_train_steps=2", cwd=tmp_path,
+  # No --workdir: ./workdirs/default, and the run says where it wrote. Dilated windows
+  # (a model override, as any other).
+  dilated = "--config.model_overrides.dilation=2"
+  out = _ok(run_train_py(*TINY, dilated, "--config.num_train_steps=2", cwd=tmp_path,
                          cache_dir=jax_compilation_cache))
   workdir = tmp_path / "workdirs" / "default"
   assert f"workdir: {workdir}" in out
@@ -42,19 +44,34 @@ def test_train_resume_evaluate_from_the_command_line(tmp_path, jax_compilation_c
   assert "] train loss=" in out and "] eval weights: loss" in out
 
   # The same command with a longer run resumes at the saved step.
-  out = _ok(run_train_py(*TINY, "--config.num_train_steps=4", cwd=tmp_path,
+  out = _ok(run_train_py(*TINY, dilated, "--config.num_train_steps=4", cwd=tmp_path,
                          cache_dir=jax_compilation_cache))
   assert "Resuming from" in out and "at step 2." in out
   assert "steps 2 -> 4" in out
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
 
-  # Evaluate the latest checkpoint with the config saved in the workdir.
-  out = _ok(run_train_py("--mode=evaluate", f"--workdir={workdir}",
-                         cache_dir=jax_compilation_cache))
+  # Evaluate the latest checkpoint with the config saved in the workdir; the same command
+  # line may come along (its values are the saved ones), and an evaluation key applies.
+  assert json.loads((workdir / "config.json").read_text())["model_overrides"]["dilation"] == 2
+  out = _ok(run_train_py(*TINY, dilated, "--mode=evaluate", f"--workdir={workdir}",
+                         "--config.num_eval_steps=2", cache_dir=jax_compilation_cache))
   report = json.loads((workdir / "evaluation.json").read_text())
-  assert report["step"] == 4 and report["num_examples"] == 360
+  assert report["step"] == 4 and report["num_examples"] == 240  # 2 batches of 120.
   assert 0.0 <= report["accuracy"] <= report["top5_accuracy"] <= 1.0
   assert report["loss"] > 0 and "evaluation.json" in out
+
+  # A key that would evaluate another model is refused in one line, naming it; with
+  # --config, a config of another run is refused with the advice to leave --config out.
+  for args, facts in (
+      (("--config.model=resnet_tiny",), ("--config.model='resnet_tiny'", "sasa_tiny")),
+      ((f"--config={REPO / 'configs' / 'default.py'}", "--config.model_overrides.width=8",
+        "--config.base_learning_rate=0.2"), ("base_learning_rate", "leave out --config"))):
+    result = run_train_py("--mode=evaluate", f"--workdir={workdir}", *args,
+                          cache_dir=jax_compilation_cache)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = result.stderr.split("train.py: error: ")[1]
+    for fact in facts:
+      assert fact in error, error
 
 
 @pytest.mark.parametrize("args,message", [
@@ -68,18 +85,26 @@ def test_train_resume_evaluate_from_the_command_line(tmp_path, jax_compilation_c
     (("--mode=evaluate", "--restart_from_scratch"),
      "--restart_from_scratch is only used with --mode=train"),
     (("--config={repo}/configs/imagenet.py:resnet99",),
-     "configs/imagenet.py: model must be one of"),
+     ("configs/imagenet.py: model must be one of", "'resnet50'", "'resnet99'")),
+    (("--config={tmp}/broken.py",), ("broken.py:1:", "invalid syntax")),
+    (("--config.image_size=100000",), ("config.image_size=100000", "8x8", "'digits'")),
+    (("--config.model_overrides.dilation=2", "--config.model_overrides.borders=shift"),
+     ("borders='shift'", "height", "kernel_size * dilation = 5 * 2")),
     (("--mode=evaluate", "--workdir={tmp}"), "holds no checkpoints to evaluate"),
     (("extra",), "unexpected arguments: extra"),
 ])
 def test_bad_flags_are_clear_errors(tmp_path, args, message):
+  (tmp_path / "broken.py").write_text("def get_config(:\n  return None\n")
   result = run_train_py(*(a.format(tmp=tmp_path, repo=REPO) for a in args),
                         f"--workdir={tmp_path / 'w'}" if "--workdir" not in
                         " ".join(args) else "--config.seed=0", cwd=tmp_path)
   assert result.returncode != 0
   for fact in (message,) if isinstance(message, str) else message:
     assert fact in result.stderr, result.stderr[-2000:]
-  assert not (tmp_path / "w" / "checkpoints").exists()
+  # One line (after absl's log lines, if the run got that far), no help text.
+  lines = [line for line in result.stderr.splitlines() if not re.match(r"[IWE]\d{4} ", line)]
+  assert len(lines) == 1 and lines[0].startswith("train.py: error: "), result.stderr[-2000:]
+  assert not (tmp_path / "w").exists()  # Nothing was created.
 
 
 def test_traceback_flag_shows_where_an_error_happened(tmp_path):
@@ -127,7 +152,8 @@ def test_console_in_a_terminal(tmp_path, jax_compilation_cache):
   """In a 120-column terminal: the bar shows the step, img/s and the loss; metric and
   log lines are printed above it, never glued onto it; the compile time is reported
   once; a re-run with nothing left to train adds no TensorBoard event file."""
-  args = (*TINY, "--config.num_train_steps=6", f"--workdir={tmp_path / 'run'}")
+  args = (*TINY, "--config.num_train_steps=6", f"--workdir={tmp_path / 'run'}",
+          "--config.model_overrides.borders=shift")  # Neighbourhood attention.
   output = _run_in_terminal(args, tmp_path, jax_compilation_cache)
   segments = [s for line in output.split("\n") for s in line.split("\r")]
   bars = [s for s in segments if re.search(r"train +\d+/6 ", s)]
@@ -162,5 +188,6 @@ def test_a_real_tfds_dataset_through_command_line_overrides(tmp_path, jax_compil
       cache_dir=jax_compilation_cache))
   assert "Training sasa_tiny on fashion_mnist" in out
   assert "on 240 examples" in out
+  assert out.count("Load dataset info from") == 1  # The dataset is opened once.
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["data_dir"] == "../shared/data/tfds" and saved["image_size"] == 28

@@ -207,7 +207,34 @@ def test_a_workdir_whose_checkpoints_were_all_damaged_restarts_only_when_asked(
   assert _eval_line(out) == _eval_line(reference[1])
 
 
-def test_sigterm_while_starting_says_so(tmp_path, jax_compilation_cache):
+@pytest.mark.slow
+def test_evaluating_a_run_in_progress(tmp_path, jax_compilation_cache):
+  """--mode=evaluate beside a run that saves and removes a checkpoint every 2 steps
+  evaluates one that exists, and calls none damaged."""
+  workdir = tmp_path / "run"
+  training = subprocess.Popen(
+      [sys.executable, str(REPO / "train.py"), *TINY, f"--workdir={workdir}",
+       "--config.num_train_steps=400", "--config.max_to_keep=1",
+       "--config.eval_every_steps=400"], cwd=REPO,
+      env=subprocess_env(jax_compilation_cache), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True)
+  try:
+    while not (workdir / "checkpoints").is_dir() or not _steps(workdir):
+      assert training.poll() is None, training.stderr.read()[-3000:]
+      time.sleep(0.05)
+    evaluation = _train_py(workdir, "--mode=evaluate", cache_dir=jax_compilation_cache)
+    assert training.poll() is None  # It evaluated while the run trained.
+  finally:
+    training.kill()
+    training.communicate()
+  out = _ok(evaluation)
+  assert "damaged" not in out and "Wrote" in out, out[-3000:]
+  assert not (workdir / "corrupt_checkpoints").exists()
+
+
+@pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"),
+                                          (signal.SIGINT, "Ctrl-C (SIGINT)")])
+def test_a_signal_while_starting_says_so(tmp_path, jax_compilation_cache, signum, name):
   proc = subprocess.Popen(
       [sys.executable, str(REPO / "train.py"), *TINY, f"--workdir={tmp_path / 'run'}"],
       cwd=REPO, env=subprocess_env(jax_compilation_cache), stdout=subprocess.PIPE,
@@ -215,13 +242,46 @@ def test_sigterm_while_starting_says_so(tmp_path, jax_compilation_cache):
   for line in proc.stderr:  # Flags parsed; JAX, data and restore still to come.
     if "] Config " in line:
       break
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 143, err[-3000:]
-  assert err.strip().endswith("train.py: Stopped by SIGTERM while starting, before the "
-                              "first step (nothing to save). Re-run the same command "
-                              "to start or resume."), err[-3000:]
+  assert proc.returncode == 128 + signum, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith(f"train.py: Stopped by {name} while starting"), err[-3000:]
+  assert "nothing to save" in last and "Traceback" not in err
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _damaged_copy(data_dir, tmp_path, split: str):
+  """A copy of the TFDS ``data_dir`` whose ``split`` file has bytes overwritten (at the
+  start: a small split's records are there, the rest of the file is padding)."""
+  copy = tmp_path / "tfds"
+  shutil.copytree(data_dir, copy)
+  (path,) = glob.glob(str(copy / "*" / "*" / f"*-{split}.array_record*"))
+  damaged = bytearray(open(path, "rb").read())
+  for i in range(200, 1200):
+    damaged[i] ^= 0x5A
+  with open(path, "wb") as f:
+    f.write(damaged)
+  return copy, path
+
+
+def test_a_failed_evaluation_keeps_the_checkpoint_of_its_step(tiny_tfds_dir, tmp_path,
+                                                              jax_compilation_cache):
+  """The state a run trained is saved before its evaluation, which then fails on a
+  damaged file of the eval split with one line naming the dataset, the split and the
+  file; re-running trains nothing again, and says the same."""
+  data_dir, damaged = _damaged_copy(tiny_tfds_dir, tmp_path, "test")
+  workdir = tmp_path / "run"
+  args = ("--config.dataset=sasa_test_digits", f"--config.data_dir={data_dir}",
+          "--config.data_download=false", "--config.eval_batch_size=40")
+  for attempt in range(2):
+    result = _train_py(workdir, *args, cache_dir=jax_compilation_cache)
+    message = _failed(result)
+    for fact in ("'sasa_test_digits'", "split 'test'", damaged,
+                 "python -m sasa_jax.data prepare sasa_test_digits"):
+      assert fact in message, message
+    assert _steps(workdir)[-1] == str(NUM_STEPS), attempt  # Saved before evaluating.
+  assert f"Already trained to step {NUM_STEPS}" in result.stderr  # Nothing trained again.
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO, subprocess_env
+from conftest import REPO, subprocess_env, xla_flags
 
 _SCRIPT = textwrap.dedent("""
     import json, sys
@@ -36,8 +36,7 @@ _SCRIPT = textwrap.dedent("""
 
 def _run(tmp_path, num_devices: int, cache_dir: str) -> dict:
   script = _SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"))
-  env = subprocess_env(cache_dir, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-      f"--xla_force_host_platform_device_count={num_devices}"))
+  env = subprocess_env(cache_dir, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(num_devices))
   workdir = tmp_path / f"d{num_devices}"
   result = subprocess.run([sys.executable, "-c", script, str(workdir)], env=env,
                           capture_output=True, text=True, timeout=300, check=False)

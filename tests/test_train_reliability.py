@@ -190,22 +190,35 @@ def _wait_for_checkpoint_after(workdir, step, proc, timeout=240.0):
   raise AssertionError("no checkpoint appeared in time")
 
 
+def _stop(workdir, num_steps, signum, after_step: int) -> int:
+  """Runs train.py until a checkpoint after ``after_step`` appears, sends ``signum``, and
+  checks that the run saved a checkpoint after the current step and said so in one line;
+  returns that step."""
+  proc = _train_py(workdir, num_steps)
+  _wait_for_checkpoint_after(workdir, after_step, proc)
+  proc.send_signal(signum)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signum, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  name = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}[signum]
+  stopped = re.search(rf"train.py: Stopped by {re.escape(name)} after step (\d+), saved a "
+                      r"checkpoint", err)
+  assert stopped, err[-3000:]
+  stopped_at = int(stopped[1])
+  assert after_step < stopped_at < num_steps and _steps(workdir)[-1] == stopped_at
+  return stopped_at
+
+
 @pytest.mark.slow
-def test_sigterm_and_kill_9_then_resume_equal_the_uninterrupted_run(tmp_path):
-  num_steps = 150
+def test_ctrl_c_sigterm_and_kill_9_then_resume_equal_the_uninterrupted_run(tmp_path):
+  num_steps = 80
   config = tiny_config(num_train_steps=num_steps, log_every_steps=10,
                        eval_every_steps=num_steps, checkpoint_every_steps=10)
   workdir = tmp_path / "interrupted"
 
-  # SIGTERM: checkpoint after the current step, exit 143.
-  proc = _train_py(workdir, num_steps)
-  _wait_for_checkpoint_after(workdir, 0, proc)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 143, err[-3000:]
-  assert "Stopped by SIGTERM after step" in err
-  stopped_at = int(err.split("Stopped by SIGTERM after step ")[1].split(",")[0])
-  assert stopped_at < num_steps and _steps(workdir)[-1] == stopped_at
+  # Ctrl-C, then SIGTERM: each checkpoints after the current step and exits (130, 143).
+  stopped_at = _stop(workdir, num_steps, signal.SIGINT, 0)
+  stopped_at = _stop(workdir, num_steps, signal.SIGTERM, stopped_at)
 
   # kill -9 at an arbitrary moment (possibly in the middle of a save).
   proc = _train_py(workdir, num_steps)

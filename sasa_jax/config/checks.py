@@ -29,7 +29,7 @@ def validate_config(config) -> None:
   if not problems:
     problems = _cross_key_problems(config)
   if problems:
-    raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+    raise ConfigError("Invalid config: " + "; ".join(problems) + ".")
 
 
 def _cross_key_problems(config) -> list[str]:
