@@ -5,8 +5,8 @@
     python -m benchmarks.accuracy --implementations fused shifted
 
 The tests check the same property on CPU; this is the check to run on a GPU or TPU, where
-the implementations compile to other kernels (``fused`` runs as Triton there, not in
-Pallas's interpret mode) and float32 matmuls default to lower precision (TF32 on NVIDIA
+the implementations compile to other kernels (``fused`` runs as Triton there and ``tpu``
+as Mosaic's kernels, not in Pallas's interpret mode) and float32 matmuls default to lower precision (TF32 on NVIDIA
 GPUs, bfloat16 passes on TPUs). For each shape and dtype, the op's output and its
 gradients with respect to q, k, v, ``rel_h`` and ``rel_w`` (for a fixed random output
 cotangent) are compared with ``reference`` computed in float32 at
@@ -94,11 +94,21 @@ def errors(implementations, dtypes, precision: str, shapes=SHAPES) -> dict:
   return table
 
 
+def _runs_here(implementation: str) -> bool:
+  """Whether ``implementation`` runs on this backend (``fused`` does not on TPU, nor
+  ``tpu`` on GPU)."""
+  try:
+    ops.check_platform(implementation, jax.default_backend())
+  except ValueError:
+    return False
+  return True
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--implementations", nargs="+", default=list(ops.IMPLEMENTATIONS),
-                      choices=list(ops.IMPLEMENTATIONS), help="default: all")
+  parser.add_argument("--implementations", nargs="+", choices=list(ops.IMPLEMENTATIONS),
+                      help="default: every one that runs on this backend")
   parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
   parser.add_argument("--precision", default="default",
                       choices=("default", "high", "highest"),
@@ -113,7 +123,9 @@ def main(argv=None) -> int:
   print(f"Command: python -m benchmarks.accuracy "
         f"{' '.join(sys.argv[1:] if argv is None else argv)}")
   print(f"Shapes (B, H, W, N, d, k): {', '.join(map(str, SHAPES))}\n")
-  table = errors(args.implementations, args.dtypes, args.precision)
+  implementations = args.implementations or [
+      name for name in ops.IMPLEMENTATIONS if _runs_here(name)]
+  table = errors(implementations, args.dtypes, args.precision)
   print(common.markdown_table(
       ["implementation", "dtype"] + [f"{q} ‖Δ‖/‖ref‖" for q in QUANTITIES],
       [[name, dtype] + [f"{e:.1e}" for e in cell] for (name, dtype), cell in table.items()]))

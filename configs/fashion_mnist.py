@@ -144,6 +144,18 @@ ABLATIONS = (
              (*(_at_width(v, w, seeds=3 if w == WIDTHS[-1] else None)
                 for v in (CONV, CONV_STEM) for w in WIDTHS),
               _at_width(FULL, WIDTHS[-1]))),
+    # Beyond the paper: the options that neighbourhood attention (NATTEN, DiNAT) added.
+    Ablation("borders", "Window borders (neighbourhood attention; not in the paper)",
+             "Does keeping every window k x k inside the map (shifted borders) beat SASA's "
+             "centred windows that lose their outside pixels? At k = 7 on the 14x14 and 7x7 "
+             "maps most pixels' windows differ.", 2,
+             (_conv_stem("exclude (SASA)", None), _conv_stem("shift (NATTEN)", None,
+                                                             borders="shift"))),
+    Ablation("dilation", "Dilated windows in the first stage (DiNAT; not in the paper)",
+             "Does a 13x13 receptive field at k = 7's cost (dilation 2 on the 14x14 map) help?",
+             2,
+             (_conv_stem("dilation 1", None), _conv_stem("dilation 2, then 1", None,
+                                                         dilation=(2, 1)))),
 )
 
 # Overrides given to every run of the sweep: the same recipe and budget for all variants.

@@ -13,6 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `from configs import default`, as train.py does.
   sys.path.insert(0, str(REPO))
 
+# The tests run on the CPU (their own processes too). It is JAX's default here, but the
+# test extra installs libtpu (to compile for TPU without one), with which JAX would
+# otherwise look for a TPU in every process and print its failure.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The TPU tests load libtpu in each pytest-xdist worker: by default a second process that
+# loads it stops on libtpu's lock file (a guard for processes sharing a real TPU).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # The tests compile hundreds of small programs and run each a few times: without LLVM's
 # optimisations XLA compiles them in about 60% of the time (the results are the same
 # functions; tolerances cover the rounding of another instruction order). Set before JAX

@@ -25,6 +25,24 @@ def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+class OnMesh:
+  """A jitted function traced, lowered and run with ``mesh`` as the context mesh
+  (``jax.set_mesh``): kernels that cannot be partitioned automatically (Mosaic's) place
+  themselves under ``jax.shard_map`` on it (``sasa_jax.ops.tpu``)."""
+
+  def __init__(self, jitted, mesh: Mesh):
+    self._jitted = jitted
+    self._mesh = mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self._mesh):
+      return self._jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self._mesh):
+      return self._jitted.lower(*args)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """Every device holds the whole array (parameters, optimizer state)."""
   return NamedSharding(mesh, PartitionSpec())

@@ -37,11 +37,44 @@ def check_heads(features, num_heads) -> None:
         f"num_heads={num_heads} (allowed num_heads: divisors of {features}).")
 
 
+class HeadProjection(nn.Module):
+  """A full-width 1x1 projection ``(B, H, W, C) -> (B, H, W, N, d)``: ``DenseGeneral``'s
+  parameters (``kernel`` ``(C, N, d)``, ``bias`` ``(N, d)``) and initialisation, computed
+  as one ``(C, N·d)`` matmul whose ``N·d`` channels are then split into heads.
+
+  The split is a reshape of the result, which the op undoes where it works on all heads
+  at once (``ops.tpu``): on TPU an array whose two minor dimensions are ``(N, d)`` pads
+  ``d`` to the 128 lanes (16 times the bytes at ``d = 8``), so it is never formed there.
+  """
+
+  num_heads: int
+  head_depth: int
+  use_bias: bool
+  dtype: Dtype | None
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels, features = x.shape[-1], self.num_heads * self.head_depth
+
+    def flat_init(init):  # DenseGeneral's: drawn as (C, N·d), stored as (C, N, d).
+      return lambda key, shape, dtype: init(key, (shape[0], features), dtype).reshape(shape)
+
+    kernel = self.param("kernel", flat_init(nn.initializers.lecun_normal()),
+                        (channels, self.num_heads, self.head_depth), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    y = jnp.dot(x.astype(dtype), kernel.reshape(channels, features).astype(dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros_init(),
+                        (self.num_heads, self.head_depth), self.param_dtype)
+      y = y + bias.reshape(features).astype(dtype)
+    return y.reshape(*x.shape[:-1], self.num_heads, self.head_depth)
+
+
 def head_projection(num_heads: int, head_depth: int, use_bias: bool, dtype: Dtype,
-                     param_dtype: Dtype, name: str) -> nn.DenseGeneral:
+                    param_dtype: Dtype, name: str) -> HeadProjection:
   """A full-width 1x1 projection ``(B, H, W, C) -> (B, H, W, N, d)``."""
-  return nn.DenseGeneral(features=(num_heads, head_depth), use_bias=use_bias, dtype=dtype,
-                         param_dtype=param_dtype, name=name)
+  return HeadProjection(num_heads, head_depth, use_bias, dtype, param_dtype, name=name)
 
 
 class HeadProjectionWeights(nn.Module):

@@ -17,12 +17,12 @@ this same function (``SUPPORTED_BORDERS``: which take shifted borders).
 
 from sasa_jax.ops.local_attention import (BORDERS, IMPLEMENTATIONS, SUPPORTED_BORDERS,
                                           attention_weights, check_implementation,
-                                          check_window, default_implementation,
-                                          local_attention, relative_table_rows,
-                                          window_shape)
+                                          check_platform, check_window,
+                                          default_implementation, local_attention,
+                                          relative_table_rows, window_shape)
 
 __all__ = [
     "BORDERS", "IMPLEMENTATIONS", "SUPPORTED_BORDERS", "attention_weights",
-    "check_implementation", "check_window", "default_implementation", "local_attention",
-    "relative_table_rows", "window_shape"
+    "check_implementation", "check_platform", "check_window", "default_implementation",
+    "local_attention", "relative_table_rows", "window_shape"
 ]

@@ -392,11 +392,23 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 def fused(query, key, value, *, window, rel_h, rel_w, scale):
   """Fused local attention; same contract as ``reference``.
 
-  Compiled with Triton on GPU, run in Pallas's (slow, exact) interpret mode elsewhere.
+  Compiled with Triton where JAX's backend is a GPU, run in Pallas's (slow, exact)
+  interpret mode elsewhere.
   """
+  return _fused(query, key, value, window=window, rel_h=rel_h, rel_w=rel_w, scale=scale,
+                interpret=jax.default_backend() != "gpu")
+
+
+def triton(query, key, value, *, window, rel_h, rel_w, scale):
+  """The kernels compiled with Triton, whatever the host: the branch for GPU of the
+  automatic choice, chosen when a program is lowered for a GPU."""
+  return _fused(query, key, value, window=window, rel_h=rel_h, rel_w=rel_w, scale=scale,
+                interpret=False)
+
+
+def _fused(query, key, value, *, window, rel_h, rel_w, scale, interpret: bool):
   batch, height, width, heads, depth = query.shape
-  geometry = _Geometry(window, height, width, scale,
-                       interpret=jax.default_backend() != "gpu")
+  geometry = _Geometry(window, height, width, scale, interpret=interpret)
 
   def planes(x):  # (B, H, W, N, d) -> (B * N, H, W, d)
     return x.transpose(0, 3, 1, 2, 4).reshape(batch * heads, height, width, depth)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import jax
 
-from sasa_jax.ops import _contract, blocked, fused, shifted, subgrids, windows
+from sasa_jax.ops import _contract, blocked, fused, shifted, subgrids, tpu, windows
 
 _IMPLEMENTATIONS = {
     "reference": windows.reference,
@@ -16,13 +16,31 @@ _IMPLEMENTATIONS = {
     "shifted": shifted.shifted,
     "dense": blocked.dense,
     "fused": fused.fused,
+    "tpu": tpu.tpu,
 }
+# The automatic choice per platform, decided when a program is lowered
+# (``lax.platform_dependent``): the kernels of the target's compiler, wherever the
+# program is traced (a program compiled for TPU from a CPU host runs Mosaic's kernels).
+_PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+_ON_PLATFORM = {("gpu", "fused"): fused.triton, ("tpu", "tpu"): tpu.mosaic}
+# Implementations that cannot run on a platform (not even interpreted).
+_UNAVAILABLE = {"tpu": ("fused",), "gpu": ("tpu",)}
 IMPLEMENTATIONS: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
 BORDERS = _contract.BORDERS
 # The border modes each implementation computes; every one takes any dilation (on the
 # image's sub-grids, ``ops.subgrids``; ``reference`` directly).
 SUPPORTED_BORDERS = {name: BORDERS if name in ("reference", "blocked", "dense")
                      else ("exclude",) for name in IMPLEMENTATIONS}
+
+
+def check_platform(implementation: str | None, backend: str) -> None:
+  """ValueError if ``implementation`` cannot run on ``backend`` ('cpu', 'gpu', 'tpu'):
+  ``fused`` is Triton's (interpreted off GPU), ``tpu`` Mosaic's (interpreted off TPU)."""
+  if implementation in _UNAVAILABLE.get(backend, ()):
+    runs_on = {"fused": "GPU (Triton), or interpreted on CPU",
+               "tpu": "TPU (Mosaic), or interpreted on CPU"}[implementation]
+    raise ValueError(f"implementation={implementation!r} cannot run on this platform, "
+                     f"{backend}: it runs on {runs_on}. Use None (automatic) or another.")
 # ``dense`` beats the windowed implementations up to about 4 k^2 pixels
 # (benchmarks/README.md, ``--crossover``), on CPU and on an H200 ...
 DENSE_MAX_PIXELS_PER_WINDOW = 4
@@ -36,6 +54,10 @@ SHIFTED_MAX_HEAD_DEPTH = 32
 # On GPU, ``fused`` beats ``blocked`` at head depth 8 (1.7x at 56x56) and not above
 # (benchmarks/README.md, GPU): its per-thread tiles grow with the depth.
 FUSED_MAX_HEAD_DEPTH = 8
+# On TPU, the Mosaic kernels (``tpu``) keep the logits out of HBM at every shape
+# (benchmarks/README.md, TPU: bytes accessed by the compiled training step); their code
+# grows with the window's width, so global windows go to ``dense``.
+TPU_MAX_KERNEL_SIZE = 15
 
 
 def check_window(kernel_size: int | Sequence[int], dilation: int | Sequence[int] = 1,
@@ -90,13 +112,19 @@ def default_implementation(height: int, width: int, kernel_size: int | Sequence[
     kernel) for ``head_depth <= FUSED_MAX_HEAD_DEPTH``;
   * otherwise ``blocked`` with 4x4 blocks.
 
+  On TPU (``backend == "tpu"``), ``tpu`` (the Mosaic kernels) for windows up to
+  ``TPU_MAX_KERNEL_SIZE`` with excluded borders, whatever the image (measured by the TPU
+  compiler, ``python -m benchmarks.tpu``); larger windows as above.
+
   None of them copies K and V ``k^2`` times. An unknown ``head_depth`` (None) never picks
-  ``shifted`` or ``fused``. Backends without measurements (TPU) get ``dense`` or
-  ``blocked``; ``fused`` is never chosen off GPU, where it only runs in interpret mode.
-  With ``borders='shift'``: ``dense`` while the image is small, as above, else
-  ``blocked`` (the implementations that compute it).
+  ``shifted`` or ``fused``; ``fused`` is never chosen off GPU, nor ``tpu`` off TPU, where
+  they only run in interpret mode. With ``borders='shift'``: ``dense`` while the image
+  is small, as above, else ``blocked`` (the implementations that compute it).
   """
   window = _contract.as_window(kernel_size, borders=borders)
+  if (backend == "tpu" and borders == "exclude" and
+      max(window.kh, window.kw) <= TPU_MAX_KERNEL_SIZE):
+    return "tpu"
   on_cpu = backend in (None, "cpu") and head_depth is not None
   dense_limit = (SHALLOW_DENSE_MAX_PIXELS_PER_WINDOW
                  if on_cpu and head_depth <= SHALLOW_HEAD_DEPTH else DENSE_MAX_PIXELS_PER_WINDOW)
@@ -157,6 +185,7 @@ def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   window = _contract.as_window(kernel_size, dilation, borders)
   scale = _contract.check_arguments(query, key, value, window, rel_h, rel_w, scale)
   check_implementation(implementation, borders)
+  check_platform(implementation, jax.default_backend())
   if implementation == "reference":  # Computes every dilation itself: the ground truth.
     return windows.reference(query, key, value, window=window, rel_h=rel_h, rel_w=rel_w,
                              scale=scale)
@@ -166,13 +195,28 @@ def local_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
 
 def _attend(query, key, value, *, window, rel_h, rel_w, scale, implementation):
-  """The op at dilation 1 with ``implementation`` (None: this shape's default)."""
-  if implementation is None:
-    implementation = default_implementation(
-        query.shape[1], query.shape[2], (window.kh, window.kw), jax.default_backend(),
-        query.shape[-1], window.borders)
-  return _IMPLEMENTATIONS[implementation](
-      query, key, value, window=window, rel_h=rel_h, rel_w=rel_w, scale=scale)
+  """The op at dilation 1 with ``implementation``; None: this shape's default on the
+  platform the program is lowered for."""
+  arguments = dict(window=window, rel_h=rel_h, rel_w=rel_w, scale=scale)
+  if implementation is not None:
+    return _IMPLEMENTATIONS[implementation](query, key, value, **arguments)
+  shape = (query.shape[1], query.shape[2], (window.kh, window.kw))
+  choices = {platform: default_implementation(*shape, backend, query.shape[-1],
+                                              window.borders)
+             for platform, backend in _PLATFORMS.items()}
+  if len(set(choices.values())) == 1:
+    return _IMPLEMENTATIONS[choices["cpu"]](query, key, value, **arguments)
+
+  def branch(platform):
+    backend, name = _PLATFORMS[platform], choices[platform]
+    function = _ON_PLATFORM.get((backend, name), _IMPLEMENTATIONS[name])
+    return lambda q, k, v: function(q, k, v, **arguments)
+
+  host = default_implementation(*shape, jax.default_backend(), query.shape[-1],
+                                window.borders)
+  return jax.lax.platform_dependent(
+      query, key, value, **{platform: branch(platform) for platform in _PLATFORMS},
+      default=lambda q, k, v: _IMPLEMENTATIONS[host](q, k, v, **arguments))
 
 
 def attention_weights(query: jax.Array, key: jax.Array, *, kernel_size: int | Sequence[int],

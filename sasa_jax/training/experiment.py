@@ -47,7 +47,8 @@ class Experiment:
   """The pieces of a run, built from its config (nothing compiled).
 
   Methods: ``initial_state()`` / ``abstract_state()`` (the structure to restore a
-  checkpoint onto), ``jitted_train_step()``, ``jitted_eval_step()``,
+  checkpoint onto), ``jitted_train_step()``, ``jitted_eval_step()`` (both run on the
+  mesh, which they set as JAX's context mesh),
   ``evaluate_state(state, eval_step_fn)``, ``train_batches(start_step)``,
   ``eval_batches()``. Attributes: ``config``, ``workdir``, ``mesh``, ``dataset`` (the
   opened :class:`~sasa_jax.data.Dataset`), ``info`` (its ``DatasetInfo``), ``plan`` (the
@@ -55,21 +56,26 @@ class Experiment:
   derived from the config), ``model``, ``image_shape`` ``(H, W, C)``, ``schedule``,
   ``tx``, the ``replicated`` and ``data_sharding`` shardings, the ``init_key`` /
   ``step_key`` folded from ``config.seed`` and ``norm`` (the normalisation statistics).
+
+  ``info`` and ``devices`` build the pieces without the data (``dataset`` is then None)
+  on other devices than this process's, e.g. to compile a run's steps for TPU devices
+  described without a TPU (``benchmarks.tpu``).
   """
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, *, info: data.DatasetInfo | None = None,
+               devices=None):
     processes.check_same_config(config)  # Before anything else the config steers.
     checks.validate_config(config)
     layout.check_workdir(workdir)
     self.config = config
     self.workdir = workdir
-    self.mesh = mesh_lib.create_mesh()
+    self.mesh = mesh_lib.create_mesh(devices)
     for key in ("batch_size", "eval_batch_size"):
-      mesh_lib.check_batch_size(key, config[key], jax.device_count(),
-                                f"devices ({jax.device_count()} over "
+      mesh_lib.check_batch_size(key, config[key], self.mesh.size,
+                                f"devices ({self.mesh.size} over "
                                 f"{jax.process_count()} process(es))")
-    self.dataset = data.open_dataset(config)
-    self.info = self.dataset.info
+    self.dataset = None if info else data.open_dataset(config)
+    self.info = info or self.dataset.info
     checks.check_channels(config, self.info.num_channels)
     _check_image_size(config, self.info)
     self.model = create_model(config, self.info.num_classes)
@@ -102,19 +108,20 @@ class Experiment:
   def initial_state(self) -> steps.TrainState:
     return jax.jit(self._init_fn(), out_shardings=self.replicated)(self.init_key)
 
-  def jitted_train_step(self):
+  def jitted_train_step(self) -> mesh_lib.OnMesh:
     """``train_step`` with this run's settings, jitted; donates the input state."""
     fn = functools.partial(steps.train_step, key=self.step_key,
                            num_classes=self.info.num_classes,
                            label_smoothing=self.config.label_smoothing,
                            ema_decay=self.config.ema_decay,
                            ema_warmup=self.config.ema_warmup, **self.norm)
-    return jax.jit(fn, out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    return mesh_lib.OnMesh(jax.jit(fn, out_shardings=(self.replicated, self.replicated),
+                                   donate_argnums=(0,)), self.mesh)
 
-  def jitted_eval_step(self):
+  def jitted_eval_step(self) -> mesh_lib.OnMesh:
     fn = functools.partial(steps.eval_step, apply_fn=self.model.apply,
                            num_classes=self.info.num_classes, **self.norm)
-    return jax.jit(fn, out_shardings=self.replicated)
+    return mesh_lib.OnMesh(jax.jit(fn, out_shardings=self.replicated), self.mesh)
 
   @contextlib.contextmanager
   def train_batches(self, start_step: int) -> Iterator[Iterator[dict[str, jax.Array]]]:
