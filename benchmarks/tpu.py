@@ -1,6 +1,6 @@
 """What the training step costs on TPU, measured by the TPU compiler on this machine.
 
-    python -m benchmarks.tpu                                   # v5e 2x2 and v6e 2x2
+    python -m benchmarks.tpu                                   # v5e 2x2 and v5p 2x2x1
     python -m benchmarks.tpu --topologies v5e:2x2 --models resnet26 sasa_resnet26_conv_stem \
         --implementations auto blocked
 
@@ -53,12 +53,16 @@ class Peak:
   source: str
 
 
-# Per chip (v5e and v6e have one TensorCore per chip, so a device is a chip).
+# Per chip: a device is a chip (v5e and v6e have one TensorCore per chip; v5p's two act
+# as one device, megacore).
 PEAKS = {
     "v5e": Peak(197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
     "v6e": Peak(918e12, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
+    "v5p": Peak(459e12, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
 }
-TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
+# libtpu 0.0.42.1 describes v6e:2x2 too, but its compiler overflows a thread's stack on
+# ResNet-26's step for it (SIGSEGV in its LLO scheduler, whatever `ulimit -s`).
+TOPOLOGIES = ("v5e:2x2", "v5p:2x2x1")
 MODELS = ("resnet26", "sasa_resnet26_conv_stem", "sasa_resnet26", "resnet50",
           "sasa_resnet50_conv_stem", "sasa_resnet50")
 # ImageNet's description, without ImageNet: the step depends on its shapes only.

@@ -160,7 +160,8 @@ ABLATIONS = (
 
 # Overrides given to every run of the sweep: the same recipe and budget for all variants.
 # `default`: 10,000 training images for 3 epochs, evaluated on the whole test split at
-# 1.5 and 3 epochs; its 27 runs took 1 h 17 min on a 2-core CPU
+# 1.5 and 3 epochs; the first 27 runs took 1 h 17 min on a 2-core CPU, the 20 of the
+# width, borders and dilation ablations (16 new) 2 h 8 min on one core
 # (experiments/README.md). `quick`: a tiny smoke test of the whole pipeline (the tests run
 # it). Scale up with more data and epochs (`train_split='train'`), or CIFAR-10 on a GPU
 # (experiments/README.md).

@@ -29,10 +29,11 @@ def _groups(max_seeds=None):
 def test_the_sweep_covers_the_papers_comparisons_with_shared_runs():
   runs, groups = _groups()
   assert set(groups) == {"table1", "kernel", "positional", "content", "stem", "conv_early",
-                         "width"}
+                         "width", "borders", "dilation"}
   for ablation in fashion_mnist.ABLATIONS:
     for variant in ablation.variants:
-      seeds = 3 if ablation.name in ("table1", "positional") or variant.x == 64 else 2
+      seeds = 3 if ablation.name in ("table1", "positional") or (
+          variant.x == 64 and variant.series != "full attention") else 2
       assert len(groups[ablation.name][variant.label]) == seeds, variant.label
   # The same config is one run: the conv-stem k = 7 relative model is Table 1's middle
   # column, k = 7, "relative", "q.k + q.r", the stem ablation's conv stem and "all
@@ -42,12 +43,15 @@ def test_the_sweep_covers_the_papers_comparisons_with_shared_runs():
                   "sasa_fmnist_conv_stem-seed=2"]
   for ablation, label in (("kernel", "k = 7"), ("positional", "relative"),
                           ("content", "q.k + q.r"), ("stem", "conv stem"),
-                          ("conv_early", "all attention")):
+                          ("conv_early", "all attention"), ("borders", "exclude (SASA)"),
+                          ("dilation", "dilation 1")):
     assert groups[ablation][label] == base[:len(groups[ablation][label])]
   assert groups["kernel"]["k = 9"] == ["sasa_fmnist_conv_stem-kernel_size=9-seed=0",
                                        "sasa_fmnist_conv_stem-kernel_size=9-seed=1"]
   all_names = [n for variants in groups.values() for names in variants.values() for n in names]
-  assert set(all_names) == set(runs) and len(runs) == 39
+  assert groups["borders"]["shift (NATTEN)"] == ["sasa_fmnist_conv_stem-borders=shift-seed=0",
+                                                 "sasa_fmnist_conv_stem-borders=shift-seed=1"]
+  assert set(all_names) == set(runs) and len(runs) == 43
   # The width ablation's C = 16 runs are Table 1's.
   assert groups["width"]["conv stem + attention, C = 16"] == base[:2]
   # Quick: at most two seeds per variant.

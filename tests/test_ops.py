@@ -12,6 +12,7 @@ from numerics import TOLERANCE, rel_error
 
 from sasa_jax import ops
 from sasa_jax.ops import _contract, blocked, shifted
+from sasa_jax.ops.local_attention import TPU_MAX_KERNEL_SIZE
 
 FAST_IMPLEMENTATIONS = [name for name in ops.IMPLEMENTATIONS if name != "reference"]
 
@@ -218,8 +219,9 @@ def test_attention_weights_reproduce_the_output():
 def test_default_implementation_is_valid_and_used():
   """The measured rule (benchmarks/README.md): dense up to 4 k^2 pixels (2 k^2 on CPU for
   heads of depth <= 8); above that shifted on CPU for depth <= 32, fused on GPU for
-  depth <= 8, blocked otherwise; never an implementation that copies K and V k^2 times,
-  never the interpret-mode kernel off GPU."""
+  depth <= 8, blocked otherwise; on TPU the Mosaic kernels for excluded borders and windows
+  up to TPU_MAX_KERNEL_SIZE whatever the image; never an implementation that copies K and V
+  k^2 times, never an interpret-mode kernel off its platform."""
   for height, width, kernel, want in [(56, 56, 7, "blocked"), (28, 28, 7, "blocked"),
                                       (14, 14, 7, "dense"), (7, 7, 7, "dense"),
                                       (3, 3, 11, "dense"), (224, 224, 3, "blocked"),
@@ -228,10 +230,16 @@ def test_default_implementation_is_valid_and_used():
   for backend, depth, want in [("cpu", 8, "shifted"), (None, 32, "shifted"),
                                ("cpu", 64, "blocked"), ("cpu", None, "blocked"),
                                ("gpu", 8, "fused"), ("gpu", 4, "fused"), ("gpu", 16, "blocked"),
-                               ("gpu", None, "blocked"), ("tpu", 8, "blocked")]:
+                               ("gpu", None, "blocked"), ("tpu", 8, "tpu"), ("tpu", None, "tpu")]:
     assert ops.default_implementation(56, 56, 7, backend, depth) == want, (backend, depth)
-  for backend in ("gpu", "tpu"):
-    assert ops.default_implementation(14, 14, 7, backend, 8) == "dense"
+  assert ops.default_implementation(14, 14, 7, "gpu", 8) == "dense"
+  for height, kernel in [(14, 7), (7, 7), (224, 3)]:
+    assert ops.default_implementation(height, height, kernel, "tpu", 8) == "tpu", (height, kernel)
+  large = TPU_MAX_KERNEL_SIZE + 2
+  assert ops.default_implementation(56, 56, large, "tpu", 8) == "blocked"
+  assert ops.default_implementation(56, 56, 7, "tpu", 8, borders="shift") == "blocked"
+  for backend in ("cpu", "gpu", None):
+    assert ops.default_implementation(56, 56, 7, backend, 8) != "tpu"
   for height, width, kernel, depth, want in [(14, 14, 7, 8, "shifted"), (10, 10, 7, 8, "shifted"),
                                              (8, 8, 7, 8, "dense"), (14, 14, 7, 16, "dense"),
                                              (6, 6, 3, 4, "shifted"), (4, 4, 3, 4, "dense"),

@@ -5,14 +5,18 @@ Pallas's TPU interpret mode with the other implementations, tests/test_ops.py.)"
 
 from __future__ import annotations
 
+import json
 import platform
 import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import REPO, subprocess_env, tiny_config, xla_flags
 from jax.experimental import pallas as pl
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -115,3 +119,54 @@ def test_the_benchmark_counts_a_kernel_at_no_less_than_its_operands_and_results(
   assert hlo.count('custom_call_target="tpu_custom_call"') == 1
   assert tpu_benchmark.custom_call_bytes(hlo) == (declared or 0, max(declared or 0,
                                                                      2 * 8 * 128 * 4))
+
+
+_SEVERAL_DEVICES = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from sasa_jax import ops
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    keys = jax.random.split(jax.random.key(0), 6)
+    q, k, v = (jax.random.normal(key, (4, 9, 7, 2, 4)) for key in keys[:3])
+    rel_h, rel_w = (jax.random.normal(key, (3, 2)) for key in keys[3:5])
+    weights = jax.random.normal(keys[5], q.shape)
+
+    def attend(implementation, q, k, v, rel_h, rel_w):
+      return ops.local_attention(q, k, v, kernel_size=3, rel_h=rel_h, rel_w=rel_w,
+                                 implementation=implementation)
+
+    def output_and_grads(op, *args):
+      out, vjp = jax.vjp(op, *args)
+      return (out, *vjp(weights))
+
+    want = output_and_grads(lambda *a: attend("reference", *a), q, k, v, rel_h, rel_w)
+    sharded = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (q, k, v)]
+    in_their_shard_map = jax.shard_map(
+        lambda *a: attend("tpu", *a), mesh=mesh, in_specs=(P("data"),) * 3 + (P(), P()),
+        out_specs=P("data"))
+    errors = {}
+    with jax.set_mesh(mesh):
+      for name, op in (("mesh", lambda *a: attend("tpu", *a)),
+                       ("shard_map", in_their_shard_map)):
+        got = jax.jit(functools.partial(output_and_grads, op))(*sharded, rel_h, rel_w)
+        errors[name] = [float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
+                        for g, w in zip(got, want)]
+    print("RESULT " + json.dumps(errors))
+""")
+
+
+def test_the_kernels_split_the_batch_over_several_devices(tmp_path):
+  """On 4 devices (forced CPU ones, the kernels interpreted): under the run's mesh
+  (``jax.set_mesh``, as the loop sets it) each device attends over its share, and inside
+  a caller's ``shard_map`` over the shard it is given; the output and every gradient,
+  the relative tables' summed over the devices, are the reference's."""
+  script = "import functools\n" + _SEVERAL_DEVICES
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=subprocess_env(
+                              JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4)), check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  errors = json.loads(result.stdout.split("RESULT ")[-1])
+  for name, values in errors.items():
+    assert len(values) == 6 and max(values) < 1e-5, (name, values)

@@ -323,8 +323,21 @@ def _flops(g: _Geometry, batch: int, channels: int) -> int:
   return 2 * 6 * batch * g.height * g.width * g.window.kh * g.window.kw * channels
 
 
-def _like(x, lanes=None, dtype=None):
-  return jax.ShapeDtypeStruct((*x.shape[:-1], lanes or x.shape[-1]), dtype or x.dtype)
+def _varying_axes(x) -> frozenset:
+  """The manual mesh axes (of an enclosing ``shard_map``) over which ``x`` varies."""
+  axis_type = getattr(jax.typeof(x), "mat", None)  # JAX >= 0.10; earlier ``vma``.
+  if axis_type is None:
+    return frozenset(getattr(jax.typeof(x), "vma", ()))
+  return frozenset(axis_type.varying)
+
+
+def _like(x, lanes=None, dtype=None, shape=None):
+  """The shape of a kernel's result from its input ``x``: ``x``'s with ``lanes`` last
+  (or ``shape``), in ``dtype``; inside a ``shard_map``, varying as ``x`` does."""
+  axis_type = getattr(jax.typeof(x), "mat", None)
+  return jax.ShapeDtypeStruct(shape or (*x.shape[:-1], lanes or x.shape[-1]),
+                              dtype or x.dtype,
+                              **({"manual_axis_type": axis_type} if axis_type else {}))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -349,14 +362,20 @@ def _attend_bwd(g: _Geometry, residuals, grad):
   delta = jnp.einsum("bhwc,cn->bhwn", grad.astype(jnp.float32) * out,
                      _heads(channels, g.heads), precision=jax.lax.Precision.HIGHEST)
   stats = jnp.concatenate([lse, delta], axis=-1)
-  dtable = jax.ShapeDtypeStruct((batch, g.tiles, *table.shape), jnp.float32)
+  dtable = _like(q, dtype=jnp.float32, shape=(batch, g.tiles, *table.shape))
   dq, dtable = _call(
       _query_kernel, g, (q, grad, stats, k, v), (table,),
       (_like(q), (dtable, pl.BlockSpec((None, None, *table.shape),
                                        lambda b, i: (b, i, 0, 0, 0)))), flops)
   dk, dv = _call(_key_kernel, g, (k, v, q, grad, stats), (table,), (_like(k), _like(v)),
                  flops)
-  return dq, dk, dv, dtable.sum(axis=(0, 1)).astype(table.dtype)
+  dtable = dtable.sum(axis=(0, 1))
+  # Inside a shard_map that gives every device the same tables: their gradient is the
+  # sum of every device's.
+  shared = tuple(_varying_axes(dtable) - _varying_axes(table))
+  if shared:
+    dtable = jax.lax.psum(dtable, shared)
+  return dq, dk, dv, dtable.astype(table.dtype)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -399,13 +418,15 @@ def mosaic(query, key, value, *, window, rel_h, rel_w, scale):
 
 def _per_device(query, key, value, rel_h, rel_w, **kwargs):
   """``_run``, under ``jax.shard_map`` over the batch where a mesh of several devices is
-  set (``jax.set_mesh``): a Mosaic kernel runs on each device's share."""
+  set (``jax.set_mesh``): a Mosaic kernel runs on each device's share. Inside a
+  ``shard_map`` of the caller's (every axis manual), on the shard as it is."""
   assert kwargs["window"].borders == "exclude" and kwargs["window"].dilation == (1, 1)
   mesh = jax.sharding.get_abstract_mesh()
   run = functools.partial(_run, **kwargs)
-  if mesh.empty or mesh.size == 1:
+  if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
     return run(query, key, value, rel_h, rel_w)
   batch = PartitionSpec(mesh.axis_names)
-  # check_vma=False: pallas_call's outputs do not say how they vary over the mesh.
+  # check_vma=False: the relative tables' gradient is summed over the devices by
+  # shard_map's transpose, rather than in the kernels' custom_vjp.
   return jax.shard_map(run, mesh=mesh, in_specs=(batch, batch, batch, None, None),
                        out_specs=batch, check_vma=False)(query, key, value, rel_h, rel_w)
