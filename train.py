@@ -224,6 +224,13 @@ def main(argv):
       raise
     print(f"train.py: error: {_one_line(e)}", file=sys.stderr, flush=True)
     _exit_quietly(1)
+  except MemoryError as e:  # The host's memory (numpy's allocations), not a device's.
+    if _TRACEBACK.value:
+      raise
+    print(f"train.py: error: Out of host memory ({_one_line(e) or 'MemoryError'}). Lower "
+          "config.batch_size, config.eval_batch_size or config.image_size.",
+          file=sys.stderr, flush=True)
+    _exit_quietly(1)
 
 
 if __name__ == "__main__":
