@@ -13,10 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 COLAB_URL = "https://colab.research.google.com/github/sasa-jax/sasa_jax/blob/main/"
-# Each cell may take this long; the whole notebook must finish within NOTEBOOK_BUDGET_S
-# (the tour takes about 1.5 minutes on 2 busy CPU cores).
+# Each cell may take this long before nbclient stops it (a hung cell, not a slow one: the
+# tour takes about 1.5 minutes on 2 CPU cores; its time is recorded, not asserted).
 CELL_TIMEOUT_S = 300
-NOTEBOOK_BUDGET_S = 600
 
 ids = [path.name for path in NOTEBOOKS]
 
@@ -79,4 +78,3 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch, record_propert
   errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
             if out.output_type == "error"]
   assert not errors
-  assert elapsed < NOTEBOOK_BUDGET_S, f"{path.name} took {elapsed:.0f} s"
