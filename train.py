@@ -127,11 +127,15 @@ class _LibraryLogFilter:
 
 
 def _one_line(error: Exception) -> str:
-  """An error the user can fix, or one of the disk (an ``OSError``), in one line."""
+  """An error the user can fix, one of the disk (an ``OSError``) or of the host's memory
+  (a ``MemoryError``: numpy's allocations, not a device's), in one line."""
   if isinstance(error, OSError) and error.strerror:
     where = f" ({error.filename})" if error.filename else ""
     return (f"{error.strerror}{where}. Check the path and its disk (free space, "
             f"permissions); --traceback shows where it happened.")
+  if isinstance(error, MemoryError):
+    return (f"Out of host memory ({error or 'MemoryError'}). Lower config.batch_size, "
+            "config.eval_batch_size or config.image_size.")
   return str(error)
 
 
@@ -219,17 +223,10 @@ def main(argv):
           "the last one. Re-run the same command to resume from it.", file=sys.stderr,
           flush=True)
     _exit_quietly(128 + signal.SIGINT)
-  except (errors.Error, OSError) as e:  # A problem the user can fix: no traceback.
+  except (errors.Error, OSError, MemoryError) as e:  # The user can fix it: no traceback.
     if _TRACEBACK.value:
       raise
     print(f"train.py: error: {_one_line(e)}", file=sys.stderr, flush=True)
-    _exit_quietly(1)
-  except MemoryError as e:  # The host's memory (numpy's allocations), not a device's.
-    if _TRACEBACK.value:
-      raise
-    print(f"train.py: error: Out of host memory ({_one_line(e) or 'MemoryError'}). Lower "
-          "config.batch_size, config.eval_batch_size or config.image_size.",
-          file=sys.stderr, flush=True)
     _exit_quietly(1)
 
 

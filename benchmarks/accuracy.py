@@ -6,8 +6,8 @@
 
 The tests check the same property on CPU; this is the check to run on a GPU or TPU, where
 the implementations compile to other kernels (``fused`` runs as Triton there and ``tpu``
-as Mosaic's kernels, not in Pallas's interpret mode) and float32 matmuls default to lower precision (TF32 on NVIDIA
-GPUs, bfloat16 passes on TPUs). For each shape and dtype, the op's output and its
+as Mosaic's kernels, not in Pallas's interpret mode) and float32 matmuls default to lower
+precision (TF32 on NVIDIA GPUs, bfloat16 passes on TPUs). For each shape and dtype, the op's output and its
 gradients with respect to q, k, v, ``rel_h`` and ``rel_w`` (for a fixed random output
 cotangent) are compared with ``reference`` computed in float32 at
 ``jax.default_matmul_precision('highest')`` on the same inputs (bf16 inputs are upcast).

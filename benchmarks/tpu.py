@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from configs import imagenet
-from sasa_jax import data
+from sasa_jax import data, ops
 from sasa_jax.training import Experiment
 
 
@@ -86,15 +86,14 @@ def custom_call_bytes(hlo: str) -> tuple[int, int]:
   """``(declared, counted)`` over the custom calls of an HLO module's text: the bytes
   their cost estimates declare (zero where none), and those the benchmark counts for them,
   each call at no less than its operands plus its results."""
-  types = {}  # instruction name -> its result type
-  for line in hlo.splitlines():
-    match = _INSTRUCTION.match(line)
-    if match:
-      types[match[1]] = match[2].split(" custom-call(")[0].split("(%")[0]
+  types = {}  # instruction name -> its result type (an operand is defined before use)
   declared = counted = 0
   for line in hlo.splitlines():
     match = _INSTRUCTION.match(line)
-    if not match or " custom-call(" not in match[2]:
+    if not match:
+      continue
+    types[match[1]] = match[2].split(" custom-call(")[0].split("(%")[0]
+    if " custom-call(" not in match[2]:
       continue
     result, rest = match[2].split(" custom-call(", 1)
     operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
@@ -180,10 +179,15 @@ def main(argv=None) -> int:
                       help="libtpu topology names, e.g. v5e:2x2 (chips per axis)")
   parser.add_argument("--models", nargs="+", default=list(MODELS), choices=imagenet.MODELS)
   parser.add_argument("--implementations", nargs="+", default=["auto"],
+                      choices=["auto", *ops.IMPLEMENTATIONS],
                       help="'auto' (implementation=None: the choice for TPU) or names "
                       "of sasa_jax.ops.IMPLEMENTATIONS, for the SASA models")
   parser.add_argument("--batch-per-device", type=int, default=32)
   args = parser.parse_args(argv)
+  for name in args.topologies:
+    if name.split(":")[0] not in PEAKS:
+      parser.error(f"--topologies {name}: the generation must be one of {sorted(PEAKS)} "
+                   f"(the chips whose peaks the roofline uses), e.g. v5e:2x2")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
   print(f"Machine (the compiler's host): {common.machine()}")

@@ -122,6 +122,7 @@ def test_the_benchmark_counts_a_kernel_at_no_less_than_its_operands_and_results(
 
 
 _SEVERAL_DEVICES = textwrap.dedent("""
+    import functools
     import json
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -157,15 +158,15 @@ _SEVERAL_DEVICES = textwrap.dedent("""
 """)
 
 
-def test_the_kernels_split_the_batch_over_several_devices(tmp_path):
+def test_the_kernels_split_the_batch_over_several_devices():
   """On 4 devices (forced CPU ones, the kernels interpreted): under the run's mesh
   (``jax.set_mesh``, as the loop sets it) each device attends over its share, and inside
   a caller's ``shard_map`` over the shard it is given; the output and every gradient,
   the relative tables' summed over the devices, are the reference's."""
-  script = "import functools\n" + _SEVERAL_DEVICES
-  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env=subprocess_env(
-                              JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4)), check=False)
+  result = subprocess.run([sys.executable, "-c", _SEVERAL_DEVICES], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4)),
+                          check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   errors = json.loads(result.stdout.split("RESULT ")[-1])
   for name, values in errors.items():

@@ -200,22 +200,24 @@ def _attend(query, key, value, *, window, rel_h, rel_w, scale, implementation):
   arguments = dict(window=window, rel_h=rel_h, rel_w=rel_w, scale=scale)
   if implementation is not None:
     return _IMPLEMENTATIONS[implementation](query, key, value, **arguments)
-  shape = (query.shape[1], query.shape[2], (window.kh, window.kw))
-  choices = {platform: default_implementation(*shape, backend, query.shape[-1],
-                                              window.borders)
-             for platform, backend in _PLATFORMS.items()}
+
+  def choice(backend):
+    return default_implementation(query.shape[1], query.shape[2], (window.kh, window.kw),
+                                  backend, query.shape[-1], window.borders)
+
+  choices = {backend: choice(backend) for backend in set(_PLATFORMS.values())}
   if len(set(choices.values())) == 1:
     return _IMPLEMENTATIONS[choices["cpu"]](query, key, value, **arguments)
 
-  def branch(platform):
-    backend, name = _PLATFORMS[platform], choices[platform]
-    function = _ON_PLATFORM.get((backend, name), _IMPLEMENTATIONS[name])
+  def branch(backend):
+    function = _ON_PLATFORM.get((backend, choices[backend]),
+                                _IMPLEMENTATIONS[choices[backend]])
     return lambda q, k, v: function(q, k, v, **arguments)
 
-  host = default_implementation(*shape, jax.default_backend(), query.shape[-1],
-                                window.borders)
+  host = choices.get(jax.default_backend()) or choice(jax.default_backend())
   return jax.lax.platform_dependent(
-      query, key, value, **{platform: branch(platform) for platform in _PLATFORMS},
+      query, key, value,
+      **{platform: branch(backend) for platform, backend in _PLATFORMS.items()},
       default=lambda q, k, v: _IMPLEMENTATIONS[host](q, k, v, **arguments))
 
 

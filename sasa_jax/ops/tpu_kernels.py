@@ -96,12 +96,14 @@ def _per_channel(x, heads):
                              preferred_element_type=jnp.float32)
 
 
-def _positions(g: Geometry):
-  """The image row and column of each query of this instance's tile (its ``P`` queries
+def _instance(g: Geometry, channels: int):
+  """What a kernel instance needs to know of itself: the ``(C, N)`` head map, its first
+  image row, and the image row and column of each query of its tile (its ``P`` queries
   row-major), ``(P, N)`` each."""
+  row0 = pl.program_id(1) * g.tile
   index = jax.lax.broadcasted_iota(jnp.int32, (g.tile * g.padded_width, g.heads), 0)
   row = jax.lax.div(index, g.padded_width)  # Not //: see head_map.
-  return pl.program_id(1) * g.tile + row, index - row * g.padded_width
+  return head_map(channels, g.heads), row0, row0 + row, index - row * g.padded_width
 
 
 def _inside(position, size):
@@ -149,9 +151,7 @@ def _store(ref, x, g: Geometry):
 def forward_kernel(q_ref, k_ref, v_ref, table_ref, out_ref, lse_ref, *, g: Geometry):
   w, th = g.window, g.tile
   channels = q_ref.shape[-1]
-  heads = head_map(channels, g.heads)
-  rows, cols = _positions(g)
-  row0 = pl.program_id(1) * th
+  heads, row0, rows, cols = _instance(g, channels)
   q = _tile(q_ref, row0, g)
 
   def window_row(a, carry):
@@ -188,13 +188,11 @@ def _statistics(ref, row0, g: Geometry, row: int = None, col: int = None):
 
 
 def query_kernel(q_ref, do_ref, stats_ref, k_ref, v_ref, table_ref, dq_ref, dtable_ref, *,
-                  g: Geometry):
+                 g: Geometry):
   """``dq`` of a tile of queries and its share of the relative tables' gradient."""
   w, th = g.window, g.tile
   channels = q_ref.shape[-1]
-  heads = head_map(channels, g.heads)
-  rows, cols = _positions(g)
-  row0 = pl.program_id(1) * th
+  heads, row0, rows, cols = _instance(g, channels)
   q, do = _tile(q_ref, row0, g), _tile(do_ref, row0, g)
   lse, delta = _statistics(stats_ref, row0, g)
 
@@ -220,7 +218,7 @@ def query_kernel(q_ref, do_ref, stats_ref, k_ref, v_ref, table_ref, dq_ref, dtab
 
 
 def key_kernel(k_ref, v_ref, q_ref, do_ref, stats_ref, table_ref, dk_ref, dv_ref, *,
-                g: Geometry):
+               g: Geometry):
   """``dk`` and ``dv`` of a tile of keys, from the queries whose windows hold them.
 
   The query that sees key ``(u, c)`` through slot ``(a, b)`` sits at
@@ -228,9 +226,7 @@ def key_kernel(k_ref, v_ref, q_ref, do_ref, stats_ref, table_ref, dk_ref, dv_ref
   """
   w, th = g.window, g.tile
   channels = k_ref.shape[-1]
-  heads = head_map(channels, g.heads)
-  rows, cols = _positions(g)
-  row0 = pl.program_id(1) * th
+  heads, row0, rows, cols = _instance(g, channels)
   k0, v = _tile(k_ref, row0, g), _tile(v_ref, row0, g)
 
   def window_row(a, carry):
