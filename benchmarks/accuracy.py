@@ -1,4 +1,5 @@
-"""Accuracy on this backend: every local-attention implementation against ``reference``.
+"""Accuracy on this backend: every local-attention implementation against ``reference``,
+and the attention stem's kernels against its XLA formulation.
 
     python -m benchmarks.accuracy                       # all implementations, f32 and bf16
     python -m benchmarks.accuracy --precision highest   # float32 matmuls at full precision
@@ -18,6 +19,7 @@ Each cell is the largest ``||got - want|| / ||want||`` over the shapes; the exit
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import jax
@@ -26,6 +28,7 @@ import numpy as np
 
 from benchmarks import common
 from sasa_jax import ops
+from sasa_jax.ops import stem
 
 # (B, H, W, N, d, kernel_size): odd and non-square images and windows, a window larger
 # than the image, and a model-like 28x28 d = 8 map.
@@ -94,6 +97,46 @@ def errors(implementations, dtypes, precision: str, shapes=SHAPES) -> dict:
   return table
 
 
+# The attention stem's block statistics (``sasa_jax.ops.stem``): an RGB batch in 4x4
+# blocks, 4 heads, 4 mixtures, 64 channels, as in the ImageNet models.
+STEM_SHAPE = (2, 16, 12, 3)
+STEM_QUANTITIES = ("maximum", "minimum", "mean", "mean square", "d input", "d form",
+                   "d mixture", "d values")
+
+
+def stem_errors(dtypes, precision: str) -> dict:
+  """``{dtype: [max relative error of each of STEM_QUANTITIES]}``: the stem's statistics
+  and the gradients of a random linear function of them as this backend computes them
+  (the Mosaic kernels on TPU, elsewhere the kernels interpreted) against the XLA
+  formulation in float32 at 'highest' (its output rounded to the dtype, as the kernels
+  round theirs)."""
+  keys = jax.random.split(jax.random.key(1), 8)
+  x = jax.random.normal(keys[0], STEM_SHAPE)
+  params = [jax.random.normal(keys[1], (3, 4, 3)),
+            jax.nn.softmax(jax.random.normal(keys[2], (16, 4))),
+            jax.random.normal(keys[3], (4 * 4 * 3, 64))]
+  interpret = None if jax.default_backend() == "tpu" else True
+
+  def statistics_and_grads(compute, x, *params):
+    stats, vjp = jax.vjp(compute, x, *params)
+    cotangents = [jax.random.normal(key, s.shape, s.dtype) for key, s in zip(keys[4:], stats)]
+    return (*stats, *vjp(type(stats)(*cotangents)))
+
+  table = {}
+  for dtype_name in dtypes:
+    dtype = DTYPES[dtype_name]
+    rounded = [a.astype(dtype).astype(jnp.float32) for a in (x, *params)]
+    with jax.default_matmul_precision("highest"):
+      want = jax.jit(functools.partial(statistics_and_grads, lambda *a: stem.statistics_of(
+          stem.block_attention(*a, block=4)[0].astype(dtype), 4)))(*rounded)
+    with jax.default_matmul_precision(precision):
+      got = jax.jit(functools.partial(statistics_and_grads, functools.partial(
+          stem.block_statistics, block=4, interpret=interpret)))(
+              rounded[0].astype(dtype), *rounded[1:])
+    table[dtype_name] = [rel_error(g, w) for g, w in zip(got, want)]
+  return table
+
+
 def _runs_here(implementation: str) -> bool:
   """Whether ``implementation`` runs on this backend (``fused`` does not on TPU, nor
   ``tpu`` on GPU)."""
@@ -129,7 +172,15 @@ def main(argv=None) -> int:
   print(common.markdown_table(
       ["implementation", "dtype"] + [f"{q} ‖Δ‖/‖ref‖" for q in QUANTITIES],
       [[name, dtype] + [f"{e:.1e}" for e in cell] for (name, dtype), cell in table.items()]))
-  worst = max((e for cell in table.values() for e in cell), key=lambda e: (np.isnan(e), e))
+  stems = stem_errors(args.dtypes, args.precision)
+  kernels = "Mosaic" if jax.default_backend() == "tpu" else "interpreted"
+  print(f"\nThe attention stem's block statistics (TPU kernels, {kernels}) against its XLA "
+        f"formulation, (B, H, W, C) = {STEM_SHAPE}, 4x4 blocks:\n")
+  print(common.markdown_table(
+      ["dtype"] + [f"{q} ‖Δ‖/‖ref‖" for q in STEM_QUANTITIES],
+      [[dtype] + [f"{e:.1e}" for e in cell] for dtype, cell in stems.items()]))
+  worst = max((e for cell in (*table.values(), *stems.values()) for e in cell),
+              key=lambda e: (np.isnan(e), e))
   failed = bool(np.isnan(worst) or worst > args.fail_above)
   print(f"\nLargest relative error: {worst:.1e} ({'above' if failed else 'within'} "
         f"--fail-above {args.fail_above:g}).")

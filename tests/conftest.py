@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,22 @@ os.environ["XLA_FLAGS"] = " ".join(
     (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0")).strip()
 
 
+# One persistent XLA compilation cache for the whole run: every pytest-xdist worker and
+# every process the tests start (they inherit this environment) read and write it. The
+# tests compile the same programs many times over (a run, its resumption and its
+# evaluation; the same tiny model in many tests), and compiling dominates their time.
+# Only programs that take a while to compile are kept (not the thousands of small ones
+# that eager operations compile, which would cost more to store than to compile). The
+# cache's size limit turns on its file lock, which the processes sharing it need. Made
+# by the first process to load this file (xdist's controller), removed by it at the end.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="sasa_jax_xla_cache_"),
+                    JAX_COMPILATION_CACHE_MAX_SIZE=str(8 * 2**30),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
 def pytest_configure(config):
   """Float32 matmuls at full precision: GPUs default to TF32 (~1e-3 relative), which the
   1e-5 tolerances of the implementation-vs-reference tests are not meant to absorb. No
@@ -35,6 +53,20 @@ def pytest_configure(config):
   del config
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow tests first: pytest-xdist hands the tests out in this order, so the longest
+  ones start while there is work left for the other workers, rather than running alone
+  at the end."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 TINY_TFDS_NAME = "sasa_test_digits"
@@ -62,60 +94,22 @@ def make_config():
   return tiny_config
 
 
-@pytest.fixture(scope="session")
-def jax_compilation_cache(tmp_path_factory) -> str:
-  """A persistent XLA compilation cache shared by this session's training tests
-  (in process and in subprocesses, through JAX_COMPILATION_CACHE_DIR): the tiny
-  runs compile the same programs, and compiling dominates their run time."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  cache_dir = str(tmp_path_factory.mktemp("jax_cache"))
-  previous = {k: getattr(jax.config, k) for k in _CACHE_SETTINGS}
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  _reset_compilation_cache()  # Takes effect even if something compiled before.
-  yield cache_dir
-  for key, value in previous.items():
-    jax.config.update(key, value)
-  _reset_compilation_cache()
-
-
-def _reset_compilation_cache() -> None:
-  try:
-    from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-
-    compilation_cache.reset_cache()
-  except (ImportError, AttributeError):  # Private API: only a speed-up if missing.
-    pass
-
-
-_CACHE_SETTINGS = ("jax_compilation_cache_dir",
-                   "jax_persistent_cache_min_compile_time_secs",
-                   "jax_persistent_cache_min_entry_size_bytes")
-
-
 def xla_flags(num_devices: int) -> str:
   """This process's XLA_FLAGS with ``num_devices`` CPU devices, for a child process."""
   return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={num_devices}"
 
 
-def subprocess_env(cache_dir: str | None = None, **extra: str) -> dict[str, str]:
-  """The environment for a child Python: this one, plus the compilation cache."""
-  env = dict(os.environ)
-  if cache_dir:
-    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env.update(extra)
-  return env
+def subprocess_env(**extra: str) -> dict[str, str]:
+  """The environment for a child Python: this one (with the compilation cache), plus
+  ``extra``."""
+  return {**os.environ, **extra}
 
 
-def run_train_py(*args: str, cwd: str | Path = REPO, cache_dir: str | None = None,
+def run_train_py(*args: str, cwd: str | Path = REPO,
                  timeout: float = 300) -> subprocess.CompletedProcess:
   """Runs ``python train.py ARGS`` (in ``cwd``); captures its output."""
   return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd,
-                        env=subprocess_env(cache_dir), capture_output=True,
+                        env=subprocess_env(), capture_output=True,
                         text=True, timeout=timeout, check=False)
 
 

@@ -36,6 +36,11 @@ def test_accuracy_check_prints_errors_and_fails_above_its_bound(capsys):
   errors = [float(cell) for cell in row.strip("| ").split(" | ")[2:]]
   assert len(errors) == len(accuracy.QUANTITIES)
   assert all(0 < error < 1e-5 for error in errors)
+  # The attention stem's kernels (interpreted here) against its XLA formulation.
+  (row,) = [line for line in out.splitlines() if line.startswith("| float32 |")]
+  errors = [float(cell) for cell in row.strip("| ").split(" | ")[1:]]
+  assert len(errors) == len(accuracy.STEM_QUANTITIES)
+  assert all(error < 1e-5 for error in errors)
   assert "above --fail-above 1e-09" in out
 
 

@@ -223,9 +223,11 @@ def stem_reference(params, x, num_heads, block_size):
   return einops.rearrange(out, "b x y n (p q) d -> b (x p) (y q) (n d)", **blocks)
 
 
-@pytest.mark.parametrize("use_bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("shape, block_size", [((2, 6, 10, 5), 2), ((1, 8, 12, 3), 4)])
+# Each shape and each dtype with and without biases.
+@pytest.mark.parametrize("shape, block_size, dtype, use_bias", [
+    ((2, 6, 10, 5), 2, jnp.float32, True), ((2, 6, 10, 5), 2, jnp.bfloat16, False),
+    ((1, 8, 12, 3), 4, jnp.float32, False), ((1, 8, 12, 3), 4, jnp.bfloat16, True)],
+                         ids=["2x2-f32-bias", "2x2-bf16", "4x4-f32", "4x4-bf16-bias"])
 def test_attention_stem_matches_the_papers_formula(shape, block_size, dtype, use_bias):
   """Output and the gradients of every parameter and of the input; bf16 runs against the
   float32 formula on the same bf16-rounded input and parameters."""

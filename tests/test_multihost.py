@@ -47,14 +47,14 @@ class _Processes:
   whatever still runs."""
 
   def __init__(self, tmp_path: Path, name: str, args, *, num_processes: int = 2,
-               devices: int = 2, cache_dir: str | None = None, extra_args=None,
+               devices: int = 2, extra_args=None,
                environ=None):
     port = portpicker.pick_unused_port()
     self.logs = [tmp_path / f"{name}.{i}.log" for i in range(num_processes)]
     self.procs = []
     for i, log in enumerate(self.logs):
       env = subprocess_env(
-          cache_dir, JAX_PLATFORMS="cpu",
+          JAX_PLATFORMS="cpu",
           XLA_FLAGS=xla_flags(devices),
           JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
           **{"JAX_NUM_PROCESSES": str(num_processes), "JAX_PROCESS_ID": str(i),
@@ -99,9 +99,8 @@ class _Processes:
     self.kill()
 
 
-def _train_py(tmp_path, name, *args, cache_dir=None, **kwargs) -> _Processes:
-  return _Processes(tmp_path, name, (str(REPO / "train.py"), "--multihost", *args),
-                    cache_dir=cache_dir, **kwargs)
+def _train_py(tmp_path, name, *args, **kwargs) -> _Processes:
+  return _Processes(tmp_path, name, (str(REPO / "train.py"), "--multihost", *args), **kwargs)
 
 
 def _state(workdir, num_steps: int):
@@ -125,13 +124,13 @@ def _steps(workdir) -> list[int]:
 
 @pytest.mark.slow
 def test_two_processes_train_the_run_of_one_through_a_kill_and_a_rerun(
-    tmp_path, jax_compilation_cache):
+    tmp_path):
   """2 x 2 devices: process 1 is killed with -9 after the first checkpoint, process 0
   stops within the timeout, the re-run resumes from the shared checkpoint and ends with
   the parameters, metrics and evaluation of the run in one process, to float32
   reduction noise (the devices sum in another order)."""
   num_steps, every = 20, 5
-  cache, workdir = jax_compilation_cache, tmp_path / "two"
+  workdir = tmp_path / "two"
   args = (f"--workdir={workdir}", *_TINY, f"--config.num_train_steps={num_steps}",
           f"--config.log_every_steps={every}", f"--config.checkpoint_every_steps={every}",
           f"--config.eval_every_steps={num_steps}",
@@ -139,7 +138,7 @@ def test_two_processes_train_the_run_of_one_through_a_kill_and_a_rerun(
   # Process 1 reads with more threads: a host setting, not part of the run's config.
   host_setting = {1: ("--config.data_threads=3",)}
 
-  with _train_py(tmp_path, "killed", *args, cache_dir=cache,
+  with _train_py(tmp_path, "killed", *args,
                  extra_args=host_setting) as run:
     deadline = time.monotonic() + _DEADLINE_SECONDS
     while not _steps(workdir) and time.monotonic() < deadline:
@@ -157,13 +156,12 @@ def test_two_processes_train_the_run_of_one_through_a_kill_and_a_rerun(
   interrupted_at = _steps(workdir)[-1]
   assert every <= interrupted_at < num_steps
 
-  with _train_py(tmp_path, "rerun", *args, cache_dir=cache, extra_args=host_setting) as run:
+  with _train_py(tmp_path, "rerun", *args, extra_args=host_setting) as run:
     rerun = run.ok()
   for out in rerun:
     assert f"Resuming from {workdir / 'checkpoints'} at step {interrupted_at}." in out
     assert "global batch 16 over 4 device(s) in 2 process(es)" in out
-  with _train_py(tmp_path, "evaluate", f"--workdir={workdir}", "--mode=evaluate",
-                 cache_dir=cache) as run:
+  with _train_py(tmp_path, "evaluate", f"--workdir={workdir}", "--mode=evaluate") as run:
     evaluated = run.ok()
 
   # The reference: the same run in this process, on its one device (the global batch

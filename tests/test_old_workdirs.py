@@ -7,14 +7,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
 from conftest import tiny_config
 
 from sasa_jax import training
 
 OLD_WORKDIR = Path(__file__).parent / "data" / "workdir_0_1_0"
 
-pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
 
 def test_an_old_workdir_resumes_and_evaluates(tmp_path):

@@ -75,6 +75,15 @@ def test_the_train_step_compiles_for_tpu_with_the_mosaic_kernels(tpu_devices, tm
   assert "tpu_custom_call" not in cpu
 
 
+def test_the_attention_stem_compiles_for_tpu_as_its_kernels(tpu_devices, tmp_path):
+  """A tiny full-attention model (the attention stem over 2x2 blocks, pooled by them):
+  its stem's block statistics run the two Mosaic kernels, forward and backward, beside
+  the attention layers' six."""
+  hlo = _train_step_hlo(tpu_devices, tmp_path, stem="attention", stem_block_size=2,
+                        stem_pool=2)
+  assert len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)) == 6 + 2
+
+
 def test_an_option_the_kernels_lack_compiles_with_another_implementation(tpu_devices,
                                                                          tmp_path):
   """Shifted borders: never the Mosaic kernels (they exclude borders), on TPU too."""
@@ -127,6 +136,7 @@ _SEVERAL_DEVICES = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from sasa_jax import ops
+    from sasa_jax.ops import stem
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
     keys = jax.random.split(jax.random.key(0), 6)
@@ -154,6 +164,31 @@ _SEVERAL_DEVICES = textwrap.dedent("""
         got = jax.jit(functools.partial(output_and_grads, op))(*sharded, rel_h, rel_w)
         errors[name] = [float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
                         for g, w in zip(got, want)]
+
+    # The stem's block statistics: the batch's moments (every device's sums) and the
+    # parameters' gradients (summed over the devices).
+    x = jax.random.normal(keys[0], (4, 4, 6, 3))
+    params = (jax.random.normal(keys[1], (3, 2, 3)),
+              jax.nn.softmax(jax.random.normal(keys[2], (4, 2))),
+              jax.random.normal(keys[3], (2 * 2 * 3, 8)))
+    cotangents = [jax.random.normal(key, shape) for key, shape in
+                  zip(keys[2:], [(4, 2, 3, 8)] * 2 + [(8,)] * 2)]
+
+    def statistics(interpret, x, *params):
+      stats = stem.block_statistics(x, *params, block=2, interpret=interpret)
+      return sum(jnp.sum(s * c) for s, c in zip(stats, cotangents)), stats
+
+    def stats_and_grads(interpret, *args):
+      grads, stats = jax.grad(functools.partial(statistics, interpret), argnums=(0, 1, 2, 3),
+                              has_aux=True)(*args)
+      return (*stats, *grads)
+
+    want = stats_and_grads(None, x, *params)  # On CPU: the XLA formulation.
+    with jax.set_mesh(mesh):
+      got = jax.jit(functools.partial(stats_and_grads, True))(
+          jax.device_put(x, NamedSharding(mesh, P("data"))), *params)
+    errors["stem"] = [float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
+                      for g, w in zip(got, want)]
     print("RESULT " + json.dumps(errors))
 """)
 
@@ -162,12 +197,14 @@ def test_the_kernels_split_the_batch_over_several_devices():
   """On 4 devices (forced CPU ones, the kernels interpreted): under the run's mesh
   (``jax.set_mesh``, as the loop sets it) each device attends over its share, and inside
   a caller's ``shard_map`` over the shard it is given; the output and every gradient,
-  the relative tables' summed over the devices, are the reference's."""
+  the relative tables' summed over the devices, are the reference's. Likewise the
+  attention stem's block statistics and their gradients."""
   result = subprocess.run([sys.executable, "-c", _SEVERAL_DEVICES], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
                           env=subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4)),
                           check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   errors = json.loads(result.stdout.split("RESULT ")[-1])
+  assert set(errors) == {"mesh", "shard_map", "stem"}
   for name, values in errors.items():
-    assert len(values) == 6 and max(values) < 1e-5, (name, values)
+    assert len(values) == (8 if name == "stem" else 6) and max(values) < 1e-5, (name, values)

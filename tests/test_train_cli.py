@@ -31,12 +31,11 @@ def _ok(result) -> str:
 
 
 @pytest.mark.slow
-def test_train_resume_evaluate_from_the_command_line(tmp_path, jax_compilation_cache):
+def test_train_resume_evaluate_from_the_command_line(tmp_path):
   # No --workdir: ./workdirs/default, and the run says where it wrote. Dilated windows
   # (a model override, as any other).
   dilated = "--config.model_overrides.dilation=2"
-  out = _ok(run_train_py(*TINY, dilated, "--config.num_train_steps=2", cwd=tmp_path,
-                         cache_dir=jax_compilation_cache))
+  out = _ok(run_train_py(*TINY, dilated, "--config.num_train_steps=2", cwd=tmp_path))
   workdir = tmp_path / "workdirs" / "default"
   assert f"workdir: {workdir}" in out
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
@@ -44,8 +43,7 @@ def test_train_resume_evaluate_from_the_command_line(tmp_path, jax_compilation_c
   assert "] train loss=" in out and "] eval weights: loss" in out
 
   # The same command with a longer run resumes at the saved step.
-  out = _ok(run_train_py(*TINY, dilated, "--config.num_train_steps=4", cwd=tmp_path,
-                         cache_dir=jax_compilation_cache))
+  out = _ok(run_train_py(*TINY, dilated, "--config.num_train_steps=4", cwd=tmp_path))
   assert "Resuming from" in out and "at step 2." in out
   assert "steps 2 -> 4" in out
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
@@ -54,7 +52,7 @@ def test_train_resume_evaluate_from_the_command_line(tmp_path, jax_compilation_c
   # line may come along (its values are the saved ones), and an evaluation key applies.
   assert json.loads((workdir / "config.json").read_text())["model_overrides"]["dilation"] == 2
   out = _ok(run_train_py(*TINY, dilated, "--mode=evaluate", f"--workdir={workdir}",
-                         "--config.num_eval_steps=2", cache_dir=jax_compilation_cache))
+                         "--config.num_eval_steps=2"))
   report = json.loads((workdir / "evaluation.json").read_text())
   assert report["step"] == 4 and report["num_examples"] == 240  # 2 batches of 120.
   assert 0.0 <= report["accuracy"] <= report["top5_accuracy"] <= 1.0
@@ -66,8 +64,7 @@ def test_train_resume_evaluate_from_the_command_line(tmp_path, jax_compilation_c
       (("--config.model=resnet_tiny",), ("--config.model='resnet_tiny'", "sasa_tiny")),
       ((f"--config={REPO / 'configs' / 'default.py'}", "--config.model_overrides.width=8",
         "--config.base_learning_rate=0.2"), ("base_learning_rate", "leave out --config"))):
-    result = run_train_py("--mode=evaluate", f"--workdir={workdir}", *args,
-                          cache_dir=jax_compilation_cache)
+    result = run_train_py("--mode=evaluate", f"--workdir={workdir}", *args)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     error = result.stderr.split("train.py: error: ")[1]
     for fact in facts:
@@ -122,14 +119,14 @@ def test_traceback_flag_shows_where_an_error_happened(tmp_path):
   assert "sasa_jax.errors.WorkdirError: workdir=" in shown.stderr
 
 
-def _run_in_terminal(args, cwd, cache_dir, columns=120, timeout=300) -> str:
+def _run_in_terminal(args, cwd, columns=120, timeout=300) -> str:
   """Runs ``python train.py ARGS`` with its stdout and stderr on a pseudo-terminal of
   ``columns`` columns (as in a researcher's shell); returns everything it wrote."""
   master, slave = pty.openpty()
   fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
   proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=cwd,
                           stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-                          env=subprocess_env(cache_dir, COLUMNS=str(columns)))
+                          env=subprocess_env(COLUMNS=str(columns)))
   os.close(slave)
   chunks, deadline = [], time.monotonic() + timeout
   while time.monotonic() < deadline:
@@ -153,13 +150,13 @@ def _run_in_terminal(args, cwd, cache_dir, columns=120, timeout=300) -> str:
 
 
 @pytest.mark.slow
-def test_console_in_a_terminal(tmp_path, jax_compilation_cache):
+def test_console_in_a_terminal(tmp_path):
   """In a 120-column terminal: the bar shows the step, img/s and the loss; metric and
   log lines are printed above it, never glued onto it; the compile time is reported
   once; a re-run with nothing left to train adds no TensorBoard event file."""
   args = (*TINY, "--config.num_train_steps=6", f"--workdir={tmp_path / 'run'}",
           "--config.model_overrides.borders=shift")  # Neighbourhood attention.
-  output = _run_in_terminal(args, tmp_path, jax_compilation_cache)
+  output = _run_in_terminal(args, tmp_path)
   segments = [s for line in output.split("\n") for s in line.split("\r")]
   bars = [s for s in segments if re.search(r"train +\d+/6 ", s)]
   assert any("img/s=" in s and "loss=" in s for s in bars), bars[-3:]
@@ -170,7 +167,7 @@ def test_console_in_a_terminal(tmp_path, jax_compilation_cache):
   assert output.count("(compiling the train step) took") == 1
 
   events = os.listdir(tmp_path / "run" / "tensorboard")
-  again = _run_in_terminal(args, tmp_path, jax_compilation_cache)
+  again = _run_in_terminal(args, tmp_path)
   assert "Already trained to step 6" in again
   assert os.listdir(tmp_path / "run" / "tensorboard") == events
 
@@ -181,7 +178,7 @@ SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_TFDS / "fashion_mnist").is_dir(),
                     reason="../shared/data/tfds (real Fashion-MNIST) is not beside the repo")
-def test_a_real_tfds_dataset_through_command_line_overrides(tmp_path, jax_compilation_cache):
+def test_a_real_tfds_dataset_through_command_line_overrides(tmp_path):
   """``--config.data_dir`` (a None-default key) and the other data keys from the command
   line, on the real Fashion-MNIST as TFDS prepared it, then evaluated."""
   workdir = tmp_path / "run"
@@ -189,8 +186,7 @@ def test_a_real_tfds_dataset_through_command_line_overrides(tmp_path, jax_compil
       *TINY, "--config.dataset=fashion_mnist", "--config.data_dir=../shared/data/tfds",
       "--config.image_size=28", "--config.train_split=train[:64]",
       "--config.eval_split=test[:240]", "--config.num_train_steps=2",
-      "--config.data_download=false", f"--workdir={workdir}", cwd=REPO,
-      cache_dir=jax_compilation_cache))
+      "--config.data_download=false", f"--workdir={workdir}", cwd=REPO))
   assert "Training sasa_tiny on fashion_mnist" in out
   assert "on 240 examples" in out
   assert out.count("Load dataset info from") == 1  # The dataset is opened once.

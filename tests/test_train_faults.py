@@ -21,7 +21,6 @@ import pytest
 import tensorstore as ts
 from conftest import REPO, run_train_py, subprocess_env
 
-pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
 NUM_STEPS = 8
 # 8 steps of a narrower sasa_tiny, checkpoints at 2, 4, 6 and 8 (all kept).
@@ -32,8 +31,8 @@ TINY = ("--config.model_overrides.width=8", "--config.batch_size=16",
         f"--config.num_train_steps={NUM_STEPS}")
 
 
-def _train_py(workdir, *args, cache_dir, **kwargs) -> subprocess.CompletedProcess:
-  return run_train_py(*TINY, f"--workdir={workdir}", *args, cache_dir=cache_dir, **kwargs)
+def _train_py(workdir, *args, **kwargs) -> subprocess.CompletedProcess:
+  return run_train_py(*TINY, f"--workdir={workdir}", *args, **kwargs)
 
 
 def _ok(result) -> str:
@@ -91,10 +90,10 @@ def _change_values_of(workdir, step: int, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, jax_compilation_cache):
+def reference(tmp_path_factory):
   """An uninterrupted run: its workdir and its output."""
   workdir = tmp_path_factory.mktemp("reference") / "run"
-  out = _ok(_train_py(workdir, cache_dir=jax_compilation_cache))
+  out = _ok(_train_py(workdir))
   assert _steps(workdir) == ["2", "4", "6", "8"]
   return workdir, out
 
@@ -105,8 +104,7 @@ def _copy(reference, tmp_path):
   return workdir
 
 
-def test_damaged_checkpoints_fall_back_with_one_warning_each(reference, tmp_path,
-                                                             jax_compilation_cache):
+def test_damaged_checkpoints_fall_back_with_one_warning_each(reference, tmp_path):
   """Values of an array changed on disk (restored silently before checksums), the
   metadata of the state missing (once "another model"), array files truncated: each
   is one warning, moved aside, and the run ends as the uninterrupted one did."""
@@ -118,7 +116,7 @@ def test_damaged_checkpoints_fall_back_with_one_warning_each(reference, tmp_path
     os.truncate(path, 10)
   (workdir / "config.json").write_text("{not json")  # A record, never read.
 
-  result = _train_py(workdir, cache_dir=jax_compilation_cache)
+  result = _train_py(workdir)
   out = _ok(result)
   _assert_quiet(result.stderr)
   warnings = _warnings(result.stderr)
@@ -143,11 +141,11 @@ def test_damaged_checkpoints_fall_back_with_one_warning_each(reference, tmp_path
 
 
 def test_a_second_run_on_a_workdir_stops_at_once_naming_the_first(
-    reference, tmp_path, jax_compilation_cache):
+    reference, tmp_path):
   workdir = _copy(reference, tmp_path)
   args = (sys.executable, str(REPO / "train.py"), *TINY, f"--workdir={workdir}",
           f"--config.num_train_steps={NUM_STEPS + 2}")
-  env = subprocess_env(jax_compilation_cache)
+  env = subprocess_env()
   first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
   try:
@@ -171,11 +169,10 @@ def test_a_second_run_on_a_workdir_stops_at_once_naming_the_first(
 
 
 def test_a_changed_config_is_refused_by_the_checkpoints_without_config_json(
-    reference, tmp_path, jax_compilation_cache):
+    reference, tmp_path):
   workdir = _copy(reference, tmp_path)
   os.remove(workdir / "config.json")
-  result = _train_py(workdir, "--config.base_learning_rate=2.0",
-                     cache_dir=jax_compilation_cache)
+  result = _train_py(workdir, "--config.base_learning_rate=2.0")
   message = _failed(result)
   assert f"step 8 in {workdir / 'checkpoints'}" in message
   assert re.search(r"base_learning_rate: 0.4 .*2.0", message), message
@@ -184,12 +181,12 @@ def test_a_changed_config_is_refused_by_the_checkpoints_without_config_json(
 
 
 def test_a_workdir_whose_checkpoints_were_all_damaged_restarts_only_when_asked(
-    reference, tmp_path, jax_compilation_cache):
+    reference, tmp_path):
   workdir = _copy(reference, tmp_path)
   for step in (2, 4, 6, 8):
     for path in _array_files(workdir, step):
       os.truncate(path, 10)
-  first = _train_py(workdir, cache_dir=jax_compilation_cache)
+  first = _train_py(workdir)
   message = _failed(first)
   assert len(_warnings(first.stderr)) == 4
   corrupt = workdir / "corrupt_checkpoints"
@@ -198,17 +195,17 @@ def test_a_workdir_whose_checkpoints_were_all_damaged_restarts_only_when_asked(
   assert f"were moved to {corrupt}. Pass --restart_from_scratch" in message
   assert _steps(workdir) == [] and len(os.listdir(corrupt)) == 4
 
-  again = _train_py(workdir, cache_dir=jax_compilation_cache)  # Not silently from 0.
+  again = _train_py(workdir)  # Not silently from 0.
   assert _failed(again) == message and not _warnings(again.stderr)
 
-  out = _ok(_train_py(workdir, "--restart_from_scratch", cache_dir=jax_compilation_cache))
+  out = _ok(_train_py(workdir, "--restart_from_scratch"))
   assert "steps 0 -> 8" in out and len(os.listdir(corrupt)) == 4
   assert _checksums(workdir, 8) == _checksums(reference[0], 8)
   assert _eval_line(out) == _eval_line(reference[1])
 
 
 @pytest.mark.slow
-def test_evaluating_a_run_in_progress(tmp_path, jax_compilation_cache):
+def test_evaluating_a_run_in_progress(tmp_path):
   """--mode=evaluate beside a run that saves and removes a checkpoint every 2 steps
   evaluates one that exists, and calls none damaged."""
   workdir = tmp_path / "run"
@@ -216,13 +213,13 @@ def test_evaluating_a_run_in_progress(tmp_path, jax_compilation_cache):
       [sys.executable, str(REPO / "train.py"), *TINY, f"--workdir={workdir}",
        "--config.num_train_steps=400", "--config.max_to_keep=1",
        "--config.eval_every_steps=400"], cwd=REPO,
-      env=subprocess_env(jax_compilation_cache), stdout=subprocess.DEVNULL,
+      env=subprocess_env(), stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE, text=True)
   try:
     while not (workdir / "checkpoints").is_dir() or not _steps(workdir):
       assert training.poll() is None, training.stderr.read()[-3000:]
       time.sleep(0.05)
-    evaluation = _train_py(workdir, "--mode=evaluate", cache_dir=jax_compilation_cache)
+    evaluation = _train_py(workdir, "--mode=evaluate")
     assert training.poll() is None  # It evaluated while the run trained.
   finally:
     training.kill()
@@ -234,10 +231,10 @@ def test_evaluating_a_run_in_progress(tmp_path, jax_compilation_cache):
 
 @pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"),
                                           (signal.SIGINT, "Ctrl-C (SIGINT)")])
-def test_a_signal_while_starting_says_so(tmp_path, jax_compilation_cache, signum, name):
+def test_a_signal_while_starting_says_so(tmp_path, signum, name):
   proc = subprocess.Popen(
       [sys.executable, str(REPO / "train.py"), *TINY, f"--workdir={tmp_path / 'run'}"],
-      cwd=REPO, env=subprocess_env(jax_compilation_cache), stdout=subprocess.PIPE,
+      cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
   for line in proc.stderr:  # Flags parsed; JAX, data and restore still to come.
     if "] Config " in line:
@@ -265,8 +262,7 @@ def _damaged_copy(data_dir, tmp_path, split: str):
   return copy, path
 
 
-def test_a_failed_evaluation_keeps_the_checkpoint_of_its_step(tiny_tfds_dir, tmp_path,
-                                                              jax_compilation_cache):
+def test_a_failed_evaluation_keeps_the_checkpoint_of_its_step(tiny_tfds_dir, tmp_path):
   """The state a run trained is saved before its evaluation, which then fails on a
   damaged file of the eval split with one line naming the dataset, the split and the
   file; re-running trains nothing again, and says the same."""
@@ -275,7 +271,7 @@ def test_a_failed_evaluation_keeps_the_checkpoint_of_its_step(tiny_tfds_dir, tmp
   args = ("--config.dataset=sasa_test_digits", f"--config.data_dir={data_dir}",
           "--config.data_download=false", "--config.eval_batch_size=40")
   for attempt in range(2):
-    result = _train_py(workdir, *args, cache_dir=jax_compilation_cache)
+    result = _train_py(workdir, *args)
     message = _failed(result)
     for fact in ("'sasa_test_digits'", "split 'test'", damaged,
                  "python -m sasa_jax.data prepare sasa_test_digits"):
@@ -312,14 +308,14 @@ def _remount(disk, mode: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_full_and_a_read_only_disk_stop_with_one_line_and_lose_nothing(
-    reference, tmp_path, jax_compilation_cache):
+    reference, tmp_path):
   with _small_disk(tmp_path / "disk") as disk:
     workdir = disk / "run"
     shutil.copytree(reference[0], workdir)
     shutil.rmtree(workdir / "checkpoints" / "8")  # As if stopped after step 6.
     _fill(disk, leave=64 * 1024)  # Room for the lock and logs, not for a checkpoint.
 
-    full = _train_py(workdir, cache_dir=jax_compilation_cache)
+    full = _train_py(workdir)
     message = _failed(full)
     assert re.match(rf"Saving the checkpoint of step 8 in {workdir / 'checkpoints'} "
                     r"failed: No space left on device \(/\S+\)\. The run stopped; the "
@@ -327,7 +323,7 @@ def test_a_full_and_a_read_only_disk_stop_with_one_line_and_lose_nothing(
     assert [s for s in _steps(workdir) if s.isdigit()] == ["2", "4", "6"]
 
     _fill(disk, leave=0)
-    evaluation = _train_py(workdir, "--mode=evaluate", cache_dir=jax_compilation_cache)
+    evaluation = _train_py(workdir, "--mode=evaluate")
     assert "[step 6] eval weights: loss" in evaluation.stdout  # Printed, not lost.
     assert _failed(evaluation).startswith(
         f"Could not write {workdir / 'evaluation.json'}: No space left on device.")
@@ -335,14 +331,14 @@ def test_a_full_and_a_read_only_disk_stop_with_one_line_and_lose_nothing(
 
     os.remove(disk / "filler")
     _remount(disk, "ro")
-    read_only = _train_py(workdir, cache_dir=jax_compilation_cache)
+    read_only = _train_py(workdir)
     assert _failed(read_only).startswith(f"Read-only file system ({workdir / 'lock'}).")
-    evaluation = _train_py(workdir, "--mode=evaluate", cache_dir=jax_compilation_cache)
+    evaluation = _train_py(workdir, "--mode=evaluate")
     assert "[step 6] eval weights: loss" in evaluation.stdout
     assert "Read-only file system" in _failed(evaluation)
 
     _remount(disk, "rw")  # Fixed: the same command resumes from step 6.
-    out = _ok(_train_py(workdir, cache_dir=jax_compilation_cache))
+    out = _ok(_train_py(workdir))
     assert "at step 6." in out and _steps(workdir) == ["2", "4", "6", "8"]
     assert _checksums(workdir, 8) == _checksums(reference[0], 8)
     assert _eval_line(out) == _eval_line(reference[1])

@@ -34,9 +34,9 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(tmp_path, num_devices: int, cache_dir: str) -> dict:
+def _run(tmp_path, num_devices: int) -> dict:
   script = _SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"))
-  env = subprocess_env(cache_dir, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(num_devices))
+  env = subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(num_devices))
   workdir = tmp_path / f"d{num_devices}"
   result = subprocess.run([sys.executable, "-c", script, str(workdir)], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
@@ -46,9 +46,9 @@ def _run(tmp_path, num_devices: int, cache_dir: str) -> dict:
 
 
 @pytest.mark.slow
-def test_one_and_eight_devices_give_the_same_run(tmp_path, jax_compilation_cache):
-  one = _run(tmp_path, 1, jax_compilation_cache)
-  eight = _run(tmp_path, 8, jax_compilation_cache)
+def test_one_and_eight_devices_give_the_same_run(tmp_path):
+  one = _run(tmp_path, 1)
+  eight = _run(tmp_path, 8)
   assert (one["devices"], eight["devices"]) == (1, 8)
   assert "batch_error" not in one
   assert "config.batch_size=12 is not divisible by the number of devices (8" in (

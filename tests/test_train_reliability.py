@@ -24,7 +24,6 @@ from sasa_jax.data import pipeline as ip
 from sasa_jax.errors import ConfigError, DataError, NonFiniteLossError, WorkdirError
 from sasa_jax.workdir.checkpointer import Checkpointer
 
-pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
 
 def _state(workdir, config, step):
@@ -173,8 +172,7 @@ def _train_py(workdir, num_steps):
           f"--config.num_train_steps={num_steps}", "--config.log_every_steps=10",
           f"--config.eval_every_steps={num_steps}",
           "--config.checkpoint_every_steps=10"]
-  return subprocess.Popen(args, cwd=REPO, env=subprocess_env(
-      os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir),
+  return subprocess.Popen(args, cwd=REPO, env=subprocess_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sasa_jax.layers import common
+from sasa_jax.ops import stem
 
 
 class AttentionStem(nn.Module):
@@ -35,16 +36,11 @@ class AttentionStem(nn.Module):
   it sows its ``attention_weights`` in ``LocalSelfAttention``'s window format (see
   ``__call__``), for ``sasa_jax.attention_maps``.
 
-  Computed without forming q, k or v, which would be ``features`` wide at the full input
-  resolution for a ``C = 3`` input. Per head, with ``x~ = [x, 1]`` when ``use_bias`` (else
-  ``x``) and the projections' kernels with their bias rows ``W~_Q``, ``W~_K``::
-
-      q_i . k_j = x~_i^T (W~_Q W~_K^T) x~_j,                          a C-term dot
-      sum_j softmax_j(.) v_j = sum_m W_V^m (sum_j softmax_j(.) p(j, m) x_j)
-
-  the same function, in ``C``-wide rather than ``d``-wide contractions (cheaper while
-  ``C < d``, as for RGB input), and the value projections become one matmul of the
-  attended inputs.
+  Computed by ``sasa_jax.ops.stem`` in ``C``-wide rather than ``d``-wide contractions
+  (cheaper while ``C < d``, as for RGB input). Called with ``block_statistics=True`` it
+  returns what the model's BatchNorm, ReLU and block max-pooling need of its output
+  (``ops.stem.BlockStatistics``), computed on TPU by kernels that never write the full
+  ``(B, H, W, features)`` output to memory.
 
   Attributes:
     features: output channels (the stem's width, 64 in the paper's ResNets).
@@ -120,47 +116,38 @@ class AttentionStem(nn.Module):
     return einops.rearrange(windows, "B x p y q n a c -> B (x p) (y q) n a c")
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array,
+               block_statistics: bool = False) -> jax.Array | stem.BlockStatistics:
     """``(B, H, W, C)`` -> ``(B, H, W, features)``; H and W multiples of ``block_size``.
+
+    With ``block_statistics``, the output's ``stem.BlockStatistics`` instead: each
+    ``block_size`` block's maximum and minimum ``(B, H / b, W / b, features)``, and the
+    mean and mean square of each channel over the batch and every pixel.
 
     With the ``intermediates`` collection mutable, also sows ``attention_weights``
     ``(B, H, W, N, 2 * block_size - 1, 2 * block_size - 1)``: each pixel's attention in
     the window format of ``LocalSelfAttention`` (centred on the pixel), non-zero only on
-    the pixel's own block (see ``_windows``).
+    the pixel's own block (see ``_windows``); the statistics are then computed from the
+    output in XLA.
     """
     common.check_input("AttentionStem", x)
-    batch, height, width, channels = x.shape
-    if height % self.block_size or width % self.block_size:
+    channels = x.shape[-1]
+    if x.shape[1] % self.block_size or x.shape[2] % self.block_size:
       raise ValueError(
           f"AttentionStem attends within {self.block_size}x{self.block_size} blocks, so the "
           f"image height and width must be multiples of block_size={self.block_size}; got "
-          f"{height}x{width}.")
+          f"{x.shape[1]}x{x.shape[2]}.")
     dtype = self.dtype or x.dtype
-    blocks = dict(p=self.block_size, q=self.block_size)
-    # (B, X, Y, P, C): the P = block_size**2 pixels of each block, row-major.
-    pixels = einops.rearrange(x.astype(dtype), "b (x p) (y q) c -> b x y (p q) c", **blocks)
-    augmented = pixels
+    x = x.astype(dtype)
     if self.use_bias:
-      augmented = jnp.concatenate([pixels, jnp.ones_like(pixels[..., :1])], axis=-1)
-
-    # Logits (B, X, Y, N * P, P): row (n, i) holds head n's q_i . k_j / sqrt(d) over keys j.
-    form = self._query_key_form(channels).astype(dtype)
-    mapped = jnp.einsum("bxyic,cne->bxynie", augmented, form)
-    mapped = mapped.reshape(mapped.shape[:3] + (-1, mapped.shape[-1]))
-    logits = jnp.einsum("bxyke,bxyje->bxykj", mapped, augmented,
-                        preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if self.is_mutable_collection("intermediates"):
+      x = jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1)
+    arguments = (x, self._query_key_form(channels),
+                 self._mixture_weights().reshape(-1, self.num_mixtures),
+                 self._value_projection(channels))
+    sow = self.is_mutable_collection("intermediates")
+    if block_statistics and not sow:
+      return stem.block_statistics(*arguments, block=self.block_size)
+    out, probs = stem.block_attention(*arguments, block=self.block_size)
+    if sow:
       self.sow("intermediates", "attention_weights", self._windows(probs))
-    probs = probs.astype(dtype)
-
-    # (B, X, Y, P, m * C): key j's input weighted by each mixture p(j, m); attended per
-    # (head, query) row, then all heads' value projections as one matmul.
-    mixture = self._mixture_weights().reshape(-1, self.num_mixtures).astype(dtype)
-    mixed = jnp.einsum("jm,bxyjc->bxyjmc", mixture, pixels)
-    mixed = mixed.reshape(mixed.shape[:4] + (-1,))
-    attended = jnp.einsum("bxykj,bxyjf->bxykf", probs, mixed)
-    attended = einops.rearrange(attended, "b x y (n p q) f -> (b x p y q) (n f)",
-                                n=self.num_heads, **blocks)
-    out = attended @ self._value_projection(channels).astype(dtype)
-    return out.reshape(batch, height, width, self.features)
+    return stem.statistics_of(out, self.block_size) if block_statistics else out

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sasa_jax.layers import AttentionStem, LocalSelfAttention
+from sasa_jax.layers import AttentionStem, LocalSelfAttention, PooledBatchNorm
 
 Dtype = Any
 ModuleDef = Any
@@ -93,6 +93,9 @@ class ResNet(nn.Module):
       ``stem_pool x stem_pool`` max-pooling, stride ``stem_pool`` (``H / stem_pool``):
       the Fashion-MNIST models (28 -> 14). With the attention stem and ``stem_pool ==
       stem_block_size`` each pooling window is one attention block, as in the paper.
+    * where the pooling windows are the attention's blocks, BatchNorm, ReLU and pooling
+      are ``PooledBatchNorm`` on the stem's block statistics: the same function (and
+      variables), without the stem's full-resolution output (on TPU, never in memory).
 
   Attributes:
     stage_sizes: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
@@ -203,6 +206,12 @@ class ResNet(nn.Module):
 
   def _stem(self, x: jax.Array, conv: ModuleDef, norm: ModuleDef) -> jax.Array:
     """``(B, H, W, C) -> (B, H', W', width)``, see the class docstring."""
+    pools_blocks = not self.small_inputs or self.stem_pool == self.stem_block_size
+    if self.stem == "attention" and pools_blocks:
+      # BatchNorm, ReLU and the pooling need only each block's extremes and each
+      # channel's moments: the stem's kernels never write its full-resolution output.
+      stats = self._attention_stem(name="stem_attention")(x, block_statistics=True)
+      return PooledBatchNorm(**norm.keywords, name="stem_bn")(stats)
     if self.stem == "attention":
       x = self._attention_stem(name="stem_attention")(x)
     elif self.small_inputs:
@@ -213,9 +222,6 @@ class ResNet(nn.Module):
     if self.small_inputs:
       pool = (self.stem_pool,) * 2
       return nn.max_pool(x, pool, strides=pool) if self.stem_pool > 1 else x
-    if self.stem == "attention":  # Pool over the very blocks the stem attended within.
-      block = (self.stem_block_size,) * 2
-      return nn.max_pool(x, block, strides=block)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
   @nn.compact

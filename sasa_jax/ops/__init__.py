@@ -13,6 +13,9 @@ go beyond the paper: ``dilation`` (the window's pixels ``δ`` apart, DiNAT's) an
 ``borders='shift'`` (the window shifted to stay inside the image, NATTEN's neighbourhood
 attention); ``_contract`` defines both exactly. Every name in ``IMPLEMENTATIONS`` computes
 this same function (``SUPPORTED_BORDERS``: which take shifted borders).
+
+``sasa_jax.ops.stem`` is the attention stem's op (paper §3.2: attention within blocks,
+spatially-aware values) and its block statistics, with TPU kernels of their own.
 """
 
 from sasa_jax.ops.local_attention import (BORDERS, IMPLEMENTATIONS, SUPPORTED_BORDERS,

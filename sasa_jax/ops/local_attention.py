@@ -209,16 +209,19 @@ def _attend(query, key, value, *, window, rel_h, rel_w, scale, implementation):
   if len(set(choices.values())) == 1:
     return _IMPLEMENTATIONS[choices["cpu"]](query, key, value, **arguments)
 
-  def branch(backend):
-    function = _ON_PLATFORM.get((backend, choices[backend]),
-                                _IMPLEMENTATIONS[choices[backend]])
-    return lambda q, k, v: function(q, k, v, **arguments)
+  # One branch object per distinct function: platform_dependent traces each once.
+  branches = {}
+
+  def branch(function):
+    return branches.setdefault(function, lambda q, k, v: function(q, k, v, **arguments))
 
   host = choices.get(jax.default_backend()) or choice(jax.default_backend())
   return jax.lax.platform_dependent(
       query, key, value,
-      **{platform: branch(backend) for platform, backend in _PLATFORMS.items()},
-      default=lambda q, k, v: _IMPLEMENTATIONS[host](q, k, v, **arguments))
+      **{platform: branch(_ON_PLATFORM.get((backend, choices[backend]),
+                                           _IMPLEMENTATIONS[choices[backend]]))
+         for platform, backend in _PLATFORMS.items()},
+      default=branch(_IMPLEMENTATIONS[host]))
 
 
 def attention_weights(query: jax.Array, key: jax.Array, *, kernel_size: int | Sequence[int],
