@@ -122,3 +122,12 @@ def test_pooled_batch_norm_is_batch_norm_relu_and_max_pooling(dtype, train):
   want = jax.grad(functools.partial(loss, theirs), argnums=(0, 1))(variables, y)
   for got_grad, want_grad in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert rel_error(got_grad, want_grad) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("setting", [dict(use_scale=False), dict(axis=1),
+                                     dict(use_fast_variance=False), dict(axis_name="batch")])
+def test_pooled_batch_norm_refuses_settings_it_does_not_compute(setting):
+  with pytest.raises(ValueError) as error:
+    PooledBatchNorm(use_running_average=False, **setting)
+  (key, value), = setting.items()
+  assert f"'{key}': {value!r}" in str(error.value)

@@ -13,8 +13,11 @@ class PooledBatchNorm(nn.BatchNorm):
   """``max_pool(relu(nn.BatchNorm(...)(y)), b, b)`` from ``y``'s ``BlockStatistics``.
 
   ``nn.BatchNorm``'s fields and variables (params ``scale``, ``bias``; ``batch_stats``
-  ``mean``, ``var``, updated alike), for a feature axis last and
-  ``use_fast_variance``. The same function: BatchNorm is, per channel, the monotone map
+  ``mean``, ``var``, updated alike), with the models' settings: features last, scale and
+  bias, ``use_fast_variance``, no ``axis_name`` (under ``jit``, XLA reduces the batch
+  statistics over the devices); other settings are refused.
+
+  The same function: BatchNorm is, per channel, the monotone map
   ``t -> (t - mean) * mul + bias`` (``mul = scale / sqrt(var + epsilon)``), and so is its
   rounding to ``dtype`` and ReLU; the maximum of a non-decreasing map over a block is the
   map of the block's maximum, of a non-increasing one (``mul < 0``) the map of its
@@ -22,6 +25,15 @@ class PooledBatchNorm(nn.BatchNorm):
   to each pixel, it gives the same numbers; the gradient reaches the block's maximum
   (minimum) pixel, and every pixel through the batch statistics.
   """
+
+  def __post_init__(self):
+    supported = dict(axis=-1, use_scale=True, use_bias=True, use_fast_variance=True,
+                     axis_name=None)
+    unsupported = {k: getattr(self, k) for k, v in supported.items() if getattr(self, k) != v}
+    if unsupported:
+      raise ValueError(f"PooledBatchNorm computes BatchNorm with {supported} (the models'); "
+                       f"got {unsupported}.")
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, stats: BlockStatistics,  # pytype: disable=signature-mismatch
