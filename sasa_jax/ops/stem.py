@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
+from sasa_jax.ops import tpu
 from sasa_jax.ops.stem_kernels import LANES, StemGeometry, backward_kernel, forward_kernel
 
 _TILE = 512  # Blocks per kernel instance: 16 positions x 512 lanes, 32 KiB a plane.
@@ -114,22 +114,12 @@ def block_statistics(x: jax.Array, form: jax.Array, mixture: jax.Array, values: 
 
 
 def _per_device(x, form, mixture, values, *, block, interpret):
-  """``_run`` under ``jax.shard_map`` over the batch where a mesh of several devices is
-  set (Mosaic kernels cannot be partitioned automatically); each device's sums are added
-  outside, where XLA reduces over the devices."""
-  mesh = jax.sharding.get_abstract_mesh()
+  """``_run`` on each device's share of the batch (``tpu.on_each_device``); each device's
+  sums, stacked, are added outside, where XLA reduces over the devices."""
   run = functools.partial(_run, block=block, interpret=interpret)
-  if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
-    maximum, minimum, sums = run(x, form, mixture, values)
-  else:
-    batch = PartitionSpec(mesh.axis_names)
-    per_device = lambda *a: (lambda mx, mn, s: (mx, mn, s[None]))(*run(*a))
-    # check_vma=False: the replicated parameters' gradients are summed over the devices
-    # by shard_map's transpose.
-    maximum, minimum, sums = jax.shard_map(
-        per_device, mesh=mesh, in_specs=(batch, None, None, None), out_specs=batch,
-        check_vma=False)(x, form, mixture, values)
-    sums = sums.sum(axis=0)
+  stacked = lambda *arrays: (lambda mx, mn, sums: (mx, mn, sums[None]))(*run(*arrays))
+  maximum, minimum, sums = tpu.on_each_device(stacked, (x,), (form, mixture, values))
+  sums = sums.sum(axis=0)
   count = x.shape[0] * x.shape[1] * x.shape[2]
   return BlockStatistics(maximum, minimum, sums[0] / count, sums[1] / count)
 
@@ -218,7 +208,7 @@ def _call(kernel, g: StemGeometry, blocks, params, lane_inputs, lane_outputs, su
   ``lane_outputs`` ``(rows, L)`` or ``blocks``-shaped (a tile at a time), ``extra``
   whole arrays; ``sums``: outputs accumulated over the tiles (resident in VMEM). Its
   cost estimate: ``passes`` times the forward kernel's flops, every operand's and
-  result's bytes."""
+  result's bytes in HBM's layout (as the layer's kernels declare theirs)."""
   def tiled(shape):
     if len(shape) == 3:
       return pl.BlockSpec((shape[0], shape[1], g.tile), lambda t: (0, 0, t))
@@ -233,7 +223,6 @@ def _call(kernel, g: StemGeometry, blocks, params, lane_inputs, lane_outputs, su
               + [whole(a.shape) for a in extra])
   out_specs = [tiled(s.shape) for s in lane_outputs] + [whole(s.shape) for s in sums]
   operands = (blocks, form, *arrays, *lane_inputs, *extra)
-  nbytes = sum(a.size * a.dtype.itemsize for a in (*operands, *lane_outputs, *sums))
   flops = passes * _flops(g, blocks.shape[-1])
   # One core walks the tiles in order: the sums are accumulated in place.
   return pl.pallas_call(
@@ -242,7 +231,8 @@ def _call(kernel, g: StemGeometry, blocks, params, lane_inputs, lane_outputs, su
       scratch_shapes=scratch,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
       interpret=pltpu.InterpretParams() if g.interpret else False,
-      cost_estimate=pl.CostEstimate(flops=flops, bytes_accessed=nbytes,
+      cost_estimate=pl.CostEstimate(flops=flops, bytes_accessed=tpu.hbm_bytes(
+                                        (*operands, *lane_outputs, *sums)),
                                     transcendentals=passes * blocks.shape[-1] * g.heads
                                     * g.positions**2),
   )(*operands)

@@ -125,10 +125,10 @@ def forward_kernel(x_ref, form_ref, mix_ref, wt_ref, max_ref, min_ref, arg_ref, 
 
   def position(i, _):
     out = _position(i, x_ref, q_scr, xm_scr, att_scr, wt_ref, g)
-    above = out > max_ref[...].astype(jnp.float32)  # Strict: the first position wins.
-    below = out < min_ref[...].astype(jnp.float32)
-    max_ref[...] = jnp.where(above, out, max_ref[...].astype(jnp.float32)).astype(max_ref.dtype)
-    min_ref[...] = jnp.where(below, out, min_ref[...].astype(jnp.float32)).astype(min_ref.dtype)
+    maximum, minimum = max_ref[...].astype(jnp.float32), min_ref[...].astype(jnp.float32)
+    above, below = out > maximum, out < minimum  # Strict: the first position wins.
+    max_ref[...] = jnp.where(above, out, maximum).astype(max_ref.dtype)
+    min_ref[...] = jnp.where(below, out, minimum).astype(min_ref.dtype)
     argmax_scr[...] = jnp.where(above, i, argmax_scr[...])
     argmin_scr[...] = jnp.where(below, i, argmin_scr[...])
     moments_scr[0] += out
@@ -159,13 +159,13 @@ def backward_kernel(x_ref, form_ref, mix_ref, wt_ref, w_ref, arg_ref, gmax_ref, 
   for ref in (dxm_scr, dxk_scr):
     ref[...] = jnp.zeros(ref.shape, ref.dtype)
   inputs = g.mixtures * g.value_channels
+  argmax = jax.lax.div(arg_ref[...], g.positions)  # Not //: see tpu_kernels.head_map.
+  argmin = arg_ref[...] - argmax * g.positions
 
   def position(i, _):
     out = _position(i, x_ref, q_scr, xm_scr, att_scr, wt_ref, g, p_scr)
-    arg = arg_ref[...]
-    argmax = jax.lax.div(arg, g.positions)  # Not //: see tpu_kernels.head_map.
     d_out = (jnp.where(argmax == i, gmax_ref[...], 0.0)
-             + jnp.where(arg - argmax * g.positions == i, gmin_ref[...], 0.0)
+             + jnp.where(argmin == i, gmin_ref[...], 0.0)
              + gmom_ref[0] + 2.0 * out * gmom_ref[1])
     d_att = jnp.dot(w_ref[...], d_out, precision=_EXACT, preferred_element_type=jnp.float32)
     dw_ref[...] += jax.lax.dot_general(att_scr[...], d_out, (((1,), (1,)), ((), ())),

@@ -34,7 +34,7 @@ from sasa_jax.ops.tpu_kernels import (SUBLANES, Geometry, forward_kernel, head_m
 _VMEM_LIMIT_BYTES = 96 * 2**20
 
 
-def _hbm_bytes(arrays) -> int:
+def hbm_bytes(arrays) -> int:
   """The bytes of ``arrays`` in a TPU's tiled HBM layout, as XLA counts its own ops': the
   minor dimension padded to the 128 lanes, the next to the sublanes (8 of 32 bits)."""
   total = 0
@@ -77,7 +77,7 @@ def _call(kernel, g: Geometry, images, others, outputs, cost):
       interpret=pltpu.InterpretParams() if g.interpret else False,
       cost_estimate=pl.CostEstimate(
           flops=cost, transcendentals=cost // 8,
-          bytes_accessed=_hbm_bytes(operands) + _hbm_bytes(shapes)))(*operands)
+          bytes_accessed=hbm_bytes(operands) + hbm_bytes(shapes)))(*operands)
 
 
 def _flops(g: Geometry, batch: int, channels: int) -> int:
@@ -179,16 +179,24 @@ def mosaic(query, key, value, *, window, rel_h, rel_w, scale):
 
 
 def _per_device(query, key, value, rel_h, rel_w, **kwargs):
-  """``_run``, under ``jax.shard_map`` over the batch where a mesh of several devices is
-  set (``jax.set_mesh``): a Mosaic kernel runs on each device's share. Inside a
-  ``shard_map`` of the caller's (every axis manual), on the shard as it is."""
+  """``_run`` on each device's share of the batch (``on_each_device``)."""
   assert kwargs["window"].borders == "exclude" and kwargs["window"].dilation == (1, 1)
+  return on_each_device(functools.partial(_run, **kwargs), (query, key, value),
+                        (rel_h, rel_w))
+
+
+def on_each_device(run, batched, replicated):
+  """``run(*batched, *replicated)``, under ``jax.shard_map`` over the batch (the leading
+  axis of ``batched`` and of every result) where a mesh of several devices is set
+  (``jax.set_mesh``): a Mosaic kernel runs on each device's share, as it cannot be
+  partitioned automatically. Inside a ``shard_map`` of the caller's (every axis manual),
+  on the shard as it is. ``replicated`` arrays go whole to every device; their gradients
+  are summed over the devices by shard_map's transpose (``check_vma=False``), rather than
+  in the kernels' ``custom_vjp``."""
   mesh = jax.sharding.get_abstract_mesh()
-  run = functools.partial(_run, **kwargs)
   if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
-    return run(query, key, value, rel_h, rel_w)
+    return run(*batched, *replicated)
   batch = PartitionSpec(mesh.axis_names)
-  # check_vma=False: the relative tables' gradient is summed over the devices by
-  # shard_map's transpose, rather than in the kernels' custom_vjp.
-  return jax.shard_map(run, mesh=mesh, in_specs=(batch, batch, batch, None, None),
-                       out_specs=batch, check_vma=False)(query, key, value, rel_h, rel_w)
+  return jax.shard_map(run, mesh=mesh, in_specs=(batch,) * len(batched)
+                       + (None,) * len(replicated), out_specs=batch,
+                       check_vma=False)(*batched, *replicated)
