@@ -27,7 +27,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # functions; tolerances cover the rounding of another instruction order). Set before JAX
 # starts, here and in the processes the tests start.
 os.environ["XLA_FLAGS"] = " ".join(
-    (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0")).strip()
+    (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
+    "--xla_cpu_use_fusion_emitters=false")).strip()
 
 
 # One persistent XLA compilation cache for the whole run: every pytest-xdist worker and

@@ -127,6 +127,28 @@ def test_a_checkpoint_removed_while_it_is_read_is_not_damaged(tmp_path, caplog):
   assert not (tmp_path / "corrupt_checkpoints").exists()
 
 
+def test_the_newest_config_is_read_again_when_its_checkpoint_is_removed(tmp_path):
+  """``--mode=evaluate`` without --config beside a run that keeps one checkpoint: the
+  run replaces the checkpoint whose config the reader was reading. The reader lists the
+  checkpoints again and reads the new one's config."""
+  with Checkpointer(str(tmp_path), async_checkpointing=False) as writer:
+    writer.save(2, {"w": jnp.zeros(3)}, {"next_batch": 2}, tiny_config(seed=2))
+  reader = Checkpointer(str(tmp_path), read_only=True)
+  read = reader.saved_config
+
+  def replaced_while_read(step):
+    if step == 2:  # The run saves step 4 and removes 2 (max_to_keep=1).
+      with Checkpointer(str(tmp_path), async_checkpointing=False) as writer:
+        writer.save(4, {"w": jnp.zeros(3)}, {"next_batch": 4}, tiny_config(seed=4))
+      shutil.rmtree(tmp_path / "checkpoints" / "2")
+    return read(step)
+
+  reader.saved_config = replaced_while_read
+  saved = reader.newest_config()
+  reader.close()
+  assert saved is not None and saved["seed"] == 4
+
+
 def test_ctrl_c_stops_after_the_step_and_a_second_one_at_once(capfd):
   # What was there before (Python's default, or SIG_IGN in a process started in the
   # background by a shell) is put back afterwards.

@@ -21,10 +21,13 @@ def images(shape, seed=0):
   return jax.random.normal(jax.random.PRNGKey(seed), shape)
 
 
-def input_sensitivity(module, variables, x, i, j):
-  """``(H, W)`` bool: which input pixels the output at ``(i, j)`` depends on (Jacobian)."""
-  jacobian = jax.jacobian(lambda x: module.apply(variables, x)[0, i, j])(x)
-  return np.asarray(jnp.abs(jacobian).sum(axis=(0, 1, 4)) > 0)  # (out C, B, H, W, in C)
+def input_sensitivity(module, variables, x, pixels):
+  """``(P, H, W)`` bool: which input pixels the output at each ``(i, j)`` of ``pixels``
+  depends on (their Jacobian, in one compiled program)."""
+  rows, cols = (np.array(axis) for axis in zip(*pixels))
+  outputs = lambda x: module.apply(variables, x)[0, rows, cols]  # (P, C_out)
+  jacobian = jax.jit(jax.jacobian(outputs))(x)  # (P, C_out, B, H, W, C_in)
+  return np.asarray(jnp.abs(jacobian).sum(axis=(1, 2, 5)) > 0)
 
 
 @pytest.mark.parametrize("kernel_size", [3, (3, 5)])
@@ -33,10 +36,11 @@ def test_output_depends_only_on_its_window(kernel_size):
   x = images((1, 9, 8, 4))
   module = layers.LocalSelfAttention(features=8, num_heads=2, kernel_size=kernel_size)
   variables = module.init(jax.random.PRNGKey(1), x)
-  for i, j in [(4, 4), (0, 0), (8, 3)]:
+  pixels = [(4, 4), (0, 0), (8, 3)]
+  for (i, j), got in zip(pixels, input_sensitivity(module, variables, x, pixels)):
     want = np.zeros((9, 8), bool)
     want[max(i - kh // 2, 0):i + kh // 2 + 1, max(j - kw // 2, 0):j + kw // 2 + 1] = True
-    np.testing.assert_array_equal(input_sensitivity(module, variables, x, i, j), want)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_global_attention_sees_the_whole_image():
@@ -44,7 +48,7 @@ def test_global_attention_sees_the_whole_image():
   module = layers.LocalSelfAttention(features=8, num_heads=2, kernel_size=None, max_size=8)
   variables = module.init(jax.random.PRNGKey(1), x)
   assert variables["params"]["rel_h"].shape == (15, 2)
-  assert input_sensitivity(module, variables, x, 0, 0).all()
+  assert input_sensitivity(module, variables, x, [(0, 0)]).all()
   with pytest.raises(ValueError, match="max_size=8"):
     module.apply(variables, images((1, 9, 5, 4)))
 
@@ -164,12 +168,12 @@ def test_window_options_size_the_tables_and_reach_the_right_pixels(dilation, bor
   assert variables["params"]["rel_h"].shape == variables["params"]["rel_w"].shape == (rows, 2)
   weights = ops.attention_weights(*(jnp.ones((1, 8, 7, 1, 4)),) * 2, kernel_size=3,
                                   dilation=dilation, borders=borders)
-  for i, j in [(0, 0), (4, 3), (7, 6)]:
+  pixels = [(0, 0), (4, 3), (7, 6)]
+  for (i, j), got in zip(pixels, input_sensitivity(module, variables, x, pixels)):
     eh, ew = weights.shape[-2:]
     window = np.zeros((8 + eh, 7 + ew), bool)
     window[i:i + eh, j:j + ew] = np.asarray(weights[0, i, j, 0]) > 0
-    np.testing.assert_array_equal(input_sensitivity(module, variables, x, i, j),
-                                  window[eh // 2:eh // 2 + 8, ew // 2:ew // 2 + 7])
+    np.testing.assert_array_equal(got, window[eh // 2:eh // 2 + 8, ew // 2:ew // 2 + 7])
 
 
 def test_bfloat16_compute_with_float32_params():
@@ -192,8 +196,7 @@ def test_attention_stem_shapes_parameters_and_blocks():
   assert shapes["value"] == (3, 3, 16)
   assert shapes["query"] == shapes["key"] == {"kernel": (3, 4, 4)}
   # Each pixel attends within its own 4x4 block, nowhere else.
-  jacobian = jax.jacobian(lambda x: stem.apply(variables, x)[0, 5, 6])(x)
-  sensitivity = np.asarray(jnp.abs(jacobian).sum(axis=(0, 1, 4)) > 0)
+  (sensitivity,) = input_sensitivity(stem, variables, x, [(5, 6)])
   want = np.zeros((8, 12), bool)
   want[4:8, 4:8] = True
   np.testing.assert_array_equal(sensitivity, want)
@@ -246,11 +249,11 @@ def test_attention_stem_matches_the_papers_formula(shape, block_size, dtype, use
 
   ours = lambda params, x: stem.apply({"params": params}, x)
   formula = lambda params, x: stem_reference(params, x, 3, block_size)
-  got_out = ours(params, x)
+  got_out = jax.jit(ours)(params, x)
   assert got_out.dtype == dtype
-  assert rel_error(got_out, formula(params, x)) < TOLERANCE[dtype]
-  got = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, x)
-  want = jax.grad(functools.partial(loss, formula), argnums=(0, 1))(params, x)
+  assert rel_error(got_out, jax.jit(formula)(params, x)) < TOLERANCE[dtype]
+  got = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1)))(params, x)
+  want = jax.jit(jax.grad(functools.partial(loss, formula), argnums=(0, 1)))(params, x)
   if use_bias:  # A key bias adds q . b_k to a whole row of logits: the softmax ignores it.
     for grads in (got, want):
       np.testing.assert_allclose(grads[0]["key"].pop("bias"), 0, atol=1e-3)

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 from numerics import TOLERANCE, rel_error
 
 from sasa_jax import ops
-from sasa_jax.ops import _contract, blocked, shifted
+from sasa_jax.ops import _contract, blocked, shifted, stem
 from sasa_jax.ops.local_attention import TPU_MAX_KERNEL_SIZE
 
 FAST_IMPLEMENTATIONS = [name for name in ops.IMPLEMENTATIONS if name != "reference"]
@@ -251,6 +252,29 @@ def test_default_implementation_is_valid_and_used():
       ops.local_attention(q, k, v, kernel_size=3, rel_h=rel_h, rel_w=rel_w),
       ops.local_attention(q, k, v, kernel_size=3, rel_h=rel_h, rel_w=rel_w,
                           implementation="reference"), rtol=1e-5, atol=1e-6)
+
+
+def test_under_a_mesh_only_the_choice_for_its_platform_is_traced():
+  """Without a mesh, the automatic choice (and the stem's block statistics) trace a
+  branch per platform, the TPU kernels included, and keep the one the program is lowered
+  for; under ``jax.set_mesh`` (as training traces its steps) only the branch for the
+  mesh's devices is traced, with the same result."""
+  (q, k, v), (rel_h, rel_w) = random_inputs((1, 16, 16, 2, 4, 5), True)  # cpu: shifted.
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 6, 3))
+  form, mixture, values = jnp.ones((3, 2, 3)), jnp.full((4, 2), 0.5), jnp.ones((12, 8))
+
+  def both(q, k, v, x):
+    return (ops.local_attention(q, k, v, kernel_size=5, rel_h=rel_h, rel_w=rel_w),
+            stem.block_statistics(x, form, mixture, values, block=2))
+
+  everywhere = jax.make_jaxpr(both)(q, k, v, x)
+  with jax.set_mesh(Mesh(np.array(jax.devices()[:1]), ("data",))):
+    on_the_mesh = jax.make_jaxpr(both)(q, k, v, x)
+    got = jax.jit(both)(q, k, v, x)
+  assert str(everywhere).count("platform_index") == 2 and "pallas_call" in str(everywhere)
+  assert "platform_index" not in str(on_the_mesh) and "pallas_call" not in str(on_the_mesh)
+  for got_array, want in zip(jax.tree.leaves(got), jax.tree.leaves(jax.jit(both)(q, k, v, x))):
+    np.testing.assert_array_equal(got_array, want)
 
 
 def _call(**overrides):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import jax
 
-from sasa_jax.ops import _contract, blocked, fused, shifted, subgrids, tpu, windows
+from sasa_jax.ops import _contract, blocked, fused, platforms, shifted, subgrids, tpu, windows
 
 _IMPLEMENTATIONS = {
     "reference": windows.reference,
@@ -18,10 +18,9 @@ _IMPLEMENTATIONS = {
     "fused": fused.fused,
     "tpu": tpu.tpu,
 }
-# The automatic choice per platform, decided when a program is lowered
-# (``lax.platform_dependent``): the kernels of the target's compiler, wherever the
-# program is traced (a program compiled for TPU from a CPU host runs Mosaic's kernels).
-_PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+# The automatic choice runs the kernels of the compiler of the platform the program is
+# for (``platforms.platform_dependent``): a program compiled for TPU from a CPU host
+# runs Mosaic's kernels.
 _ON_PLATFORM = {("gpu", "fused"): fused.triton, ("tpu", "tpu"): tpu.mosaic}
 # Implementations that cannot run on a platform (not even interpreted).
 _UNAVAILABLE = {"tpu": ("fused",), "gpu": ("tpu",)}
@@ -205,7 +204,7 @@ def _attend(query, key, value, *, window, rel_h, rel_w, scale, implementation):
     return default_implementation(query.shape[1], query.shape[2], (window.kh, window.kw),
                                   backend, query.shape[-1], window.borders)
 
-  choices = {backend: choice(backend) for backend in set(_PLATFORMS.values())}
+  choices = {backend: choice(backend) for backend in set(platforms.BACKENDS.values())}
   if len(set(choices.values())) == 1:
     return _IMPLEMENTATIONS[choices["cpu"]](query, key, value, **arguments)
 
@@ -216,11 +215,11 @@ def _attend(query, key, value, *, window, rel_h, rel_w, scale, implementation):
     return branches.setdefault(function, lambda q, k, v: function(q, k, v, **arguments))
 
   host = choices.get(jax.default_backend()) or choice(jax.default_backend())
-  return jax.lax.platform_dependent(
+  return platforms.platform_dependent(
       query, key, value,
       **{platform: branch(_ON_PLATFORM.get((backend, choices[backend]),
                                            _IMPLEMENTATIONS[choices[backend]]))
-         for platform, backend in _PLATFORMS.items()},
+         for platform, backend in platforms.BACKENDS.items()},
       default=branch(_IMPLEMENTATIONS[host]))
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from sasa_jax.ops import tpu
+from sasa_jax.ops import platforms, tpu
 from sasa_jax.ops.stem_kernels import LANES, StemGeometry, backward_kernel, forward_kernel
 
 _TILE = 512  # Blocks per kernel instance: 16 positions x 512 lanes, 32 KiB a plane.
@@ -109,7 +109,7 @@ def block_statistics(x: jax.Array, form: jax.Array, mixture: jax.Array, values: 
   kernels = functools.partial(_per_device, block=block)
   if interpret:
     return kernels(x, form, mixture, values, interpret=True)
-  return jax.lax.platform_dependent(
+  return platforms.platform_dependent(
       x, form, mixture, values, tpu=functools.partial(kernels, interpret=False), default=xla)
 
 

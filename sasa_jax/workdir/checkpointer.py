@@ -142,11 +142,11 @@ class Checkpointer:
     return self._restore_item(step, "config", ocp.args.JsonRestore())
 
   def newest_config(self) -> dict[str, Any] | None:
-    """The config saved with the newest checkpoint whose config can be read."""
-    for step in reversed(self.all_steps()):
-      with contextlib.suppress(CorruptCheckpointError):
-        return self.saved_config(step)
-    return None
+    """The config saved with the newest checkpoint whose config can be read (a
+    damaged one is skipped; one removed meanwhile, as in :meth:`restore_latest`, is
+    not damaged), or None if there is none."""
+    found = self._newest_readable(self.saved_config, lambda step, error: None)
+    return None if found is None else found[1]
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """The state (shaped and sharded like ``abstract_state``, verified against its
@@ -183,12 +183,22 @@ class Checkpointer:
     """``(step, state, data_position)`` of the newest intact checkpoint of the run
     (:meth:`restore_checked`), or None if there is none. Each damaged one on the way
     gets one warning naming the step, the part and the cause, and, unless read-only, is
-    moved to ``<workdir>/corrupt_checkpoints/``.
-
-    A checkpoint that disappears while it is read is not damaged: the run in progress
-    in this workdir (``max_to_keep``) removed it. The list of checkpoints is then read
-    again and the newest one that was not tried yet is read instead.
+    moved to ``<workdir>/corrupt_checkpoints/``. One removed while it is read is not
+    damaged (:meth:`_newest_readable`).
     """
+    found = self._newest_readable(
+        lambda step: self.restore_checked(step, abstract_state, check_config),
+        self._move_aside)
+    return None if found is None else (found[0], *found[1])
+
+  def _newest_readable(self, read: Callable[[int], Any],
+                       on_damaged: Callable[[int, CorruptCheckpointError], None]
+                       ) -> tuple[int, Any] | None:
+    """``(step, read(step))`` for the newest checkpoint that ``read`` reads without a
+    :class:`CorruptCheckpointError`, calling ``on_damaged(step, error)`` for each that
+    fails; None if none is left. A checkpoint that disappears while it is read is not
+    damaged: the run in progress in this workdir (``max_to_keep``) removed it, and
+    saved a newer one, so the list of checkpoints is read again."""
     tried = set()
     while True:
       untried = [s for s in reversed(self.all_steps()) if s not in tried]
@@ -197,10 +207,10 @@ class Checkpointer:
       step = untried[0]
       tried.add(step)
       try:
-        return (step, *self.restore_checked(step, abstract_state, check_config))
+        return step, read(step)
       except CorruptCheckpointError as e:
         if not self._removed_meanwhile(step):
-          self._move_aside(step, e)
+          on_damaged(step, e)
           continue
         logging.info("The checkpoint at step %d was removed while it was read (a run in "
                      "progress keeps max_to_keep); reading the newest one.", step)
