@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime
 import os
 import statistics
+import sys
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,7 +30,12 @@ def read_scalars(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
   A resumed run's logs hold several sessions; the reader drops the events that a later
   session wrote again (steps logged after the last checkpoint of a killed session).
+  The logs are read by TensorBoard's own record reader: with TensorFlow installed (the
+  ``[data]`` extra) TensorBoard would import it (about 5 s) only to read the files.
   """
+  # TensorBoard's switch to its stub of the TensorFlow API (//tensorboard/compat:
+  # no_tensorflow): the presence of this module. Read when TensorBoard first needs TF.
+  sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
 
   accumulator = event_accumulator.EventAccumulator(

@@ -132,11 +132,11 @@ def test_stem_maps_reproduce_the_stem_output():
 def attention_layer_paths(model, variables, x):
   """Paths of every attention layer call, found independently of the sown weights:
   Flax's capture_intermediates records the outputs of the modules the filter accepts."""
-  _, state = model.apply(
-      variables, x, train=False,
+  _, state = jax.eval_shape(functools.partial(
+      model.apply, train=False,
       capture_intermediates=lambda mdl, _: isinstance(
           mdl, (layers.LocalSelfAttention, layers.AttentionStem)),
-      mutable=["intermediates"])
+      mutable=["intermediates"]), variables, x)
   paths = {}
 
   def walk(tree, prefix):
@@ -162,9 +162,11 @@ def test_model_collection_finds_every_attention_layer(name, overrides, num_layer
   model = models.create(name, **overrides)
   config = models.get_config(name)
   x = images((2, 8, 8, config.in_channels))
-  variables = model.init(jax.random.PRNGKey(0), x, train=False)
-  logits, maps = attention_maps.apply_with_attention(model, variables, x, train=False)
-  np.testing.assert_array_equal(logits, model.apply(variables, x, train=False))
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), x)
+  logits, maps = jax.jit(functools.partial(attention_maps.apply_with_attention, model,
+                                           train=False))(variables, x)
+  np.testing.assert_array_equal(logits, jax.jit(functools.partial(model.apply, train=False))(
+      variables, x))
   paths = attention_layer_paths(model, variables, x)
   assert list(maps) == list(paths) and len(maps) == num_layers
   for path, weights in maps.items():

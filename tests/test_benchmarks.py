@@ -9,6 +9,7 @@ import pytest
 from benchmarks import accuracy, checkpoint, crossover, input_pipeline, models, op_shapes
 
 
+@pytest.mark.slow
 def test_models_benchmark_prints_its_table(capsys):
   assert models.main(["--models", "resnet_tiny", "sasa_tiny", "--sizes", "8", "--batch", "2",
                       "--repeats", "1", "--dtype", "bfloat16"]) == 0
@@ -18,6 +19,7 @@ def test_models_benchmark_prints_its_table(capsys):
   assert all("| bfloat16 |" in row for row in rows)
 
 
+@pytest.mark.slow
 def test_input_pipeline_benchmark_times_one_and_two_processes(capsys):
   assert input_pipeline.main(["--dataset", "digits", "--batch", "16", "--batches", "2",
                               "--repeats", "1"]) == 0
@@ -27,6 +29,7 @@ def test_input_pipeline_benchmark_times_one_and_two_processes(capsys):
   assert len(rows[1][2].split(" / ")) == 2  # Each of the two processes' images/s.
 
 
+@pytest.mark.slow
 def test_accuracy_check_prints_errors_and_fails_above_its_bound(capsys):
   # Every float32 error is ~1e-7 on CPU, so a 1e-9 bound must fail.
   assert accuracy.main(["--implementations", "dense", "--dtypes", "float32",

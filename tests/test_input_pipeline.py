@@ -116,6 +116,7 @@ def test_tfds_dataset_built_locally(make_config, tiny_tfds_dir):
     data.open_dataset(config).source("validation")
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_stream(make_config):
   """The real configs decode in grain worker processes: same batches, same resume."""
   config = make_config(batch_size=8, augmentation="cifar")

@@ -200,6 +200,7 @@ def test_two_processes_train_the_run_of_one_through_a_kill_and_a_rerun(
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("environ, facts", [
     ({0: {"JAX_NUM_PROCESSES": "3"}},
      ("number of processes", "JAX_NUM_PROCESSES=3 on process 0", "JAX_NUM_PROCESSES=2")),
@@ -225,6 +226,7 @@ def test_processes_that_disagree_on_their_settings_all_stop_at_once(tmp_path, en
   assert not workdir.exists()  # Stopped before anything was built.
 
 
+@pytest.mark.slow
 def test_processes_with_different_configs_all_stop_naming_the_differences(tmp_path):
   workdir = tmp_path / "run"
   with _train_py(tmp_path, "different", f"--workdir={workdir}", *_TINY,
@@ -265,6 +267,7 @@ _ROWS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_each_process_reads_only_its_rows_of_every_global_batch(tmp_path):
   script = _ROWS_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"))
   with _Processes(tmp_path, "rows", ("-c", script, str(tmp_path / "w")),

@@ -151,10 +151,19 @@ def _reference_result(shape, relative, dtype):
                            *map(upcast, (q, k, v, *tables)))
 
 
+# The fast subset (-m "not slow") compares every implementation on a window inside the
+# image in float32 and on the non-square one in bfloat16; the whole suite on every shape
+# in both dtypes, and without relative tables (no table gradients).
+MATCH_CASES = [
+    (MATCH_SHAPES[0], True, jnp.float32), (MATCH_SHAPES[2], True, jnp.bfloat16),
+    *(pytest.param(shape, True, dtype, marks=pytest.mark.slow) for shape, dtype in [
+        (MATCH_SHAPES[0], jnp.bfloat16), (MATCH_SHAPES[1], jnp.float32),
+        (MATCH_SHAPES[1], jnp.bfloat16), (MATCH_SHAPES[2], jnp.float32)]),
+    pytest.param(MATCH_SHAPES[0], False, jnp.float32, marks=pytest.mark.slow)]
+
+
 @pytest.mark.parametrize("implementation", FAST_IMPLEMENTATIONS)
-@pytest.mark.parametrize("shape, relative, dtype", [
-    *((shape, True, dtype) for shape in MATCH_SHAPES for dtype in (jnp.float32, jnp.bfloat16)),
-    (MATCH_SHAPES[0], False, jnp.float32)],  # Without relative tables: no table gradients.
+@pytest.mark.parametrize("shape, relative, dtype", MATCH_CASES,
                          ids=lambda a: str(a) if isinstance(a, tuple) else None)
 def test_implementation_matches_reference(implementation, shape, relative, dtype):
   """Forward and all gradients; bf16 runs are compared with the float32 reference on the
@@ -403,9 +412,11 @@ def _option_result(implementation, case, dtype):
   return output_and_grads(q, k, v, *tables)
 
 
-@pytest.mark.parametrize("implementation, dtype", [
-    *((name, jnp.float32) for name in (None, *FAST_IMPLEMENTATIONS)),
-    (None, jnp.bfloat16), ("blocked", jnp.bfloat16)], ids=str)
+@pytest.mark.parametrize("implementation, dtype", [  # The fast subset: the automatic choice.
+    (None, jnp.float32),
+    *(pytest.param(name, dtype, marks=pytest.mark.slow) for name, dtype in [
+        *((name, jnp.float32) for name in FAST_IMPLEMENTATIONS),
+        (None, jnp.bfloat16), ("blocked", jnp.bfloat16)])], ids=str)
 @pytest.mark.parametrize("case", OPTION_CASES, ids=str)
 def test_implementations_with_options_match_reference(implementation, case, dtype):
   """Forward and all gradients (in bfloat16 too for the automatic choice and ``blocked``,

@@ -19,10 +19,11 @@ from sasa_jax.ops import stem
 # (B, H, W, C, use_bias, block, heads, mixtures, features), dtype: odd, non-square images;
 # blocks of 2 and 3 (9 positions); the last spans two kernel instances (648 blocks, 512
 # per instance), the lanes padded. Each dtype with and without the bias channel.
-CASES = [((2, 6, 10, 3, True, 2, 3, 2, 12), jnp.float32),
-         ((2, 6, 10, 3, True, 2, 3, 2, 12), jnp.bfloat16),
-         ((1, 9, 6, 2, False, 3, 2, 3, 8), jnp.bfloat16),
-         ((3, 36, 24, 1, True, 2, 2, 2, 4), jnp.float32)]
+CASES = [((2, 6, 10, 3, True, 2, 3, 2, 12), jnp.float32),  # The fast subset's case.
+         *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+             ((2, 6, 10, 3, True, 2, 3, 2, 12), jnp.bfloat16),
+             ((1, 9, 6, 2, False, 3, 2, 3, 8), jnp.bfloat16),
+             ((3, 36, 24, 1, True, 2, 2, 2, 4), jnp.float32)])]
 
 
 def _arguments(shape, dtype, seed=0):

@@ -75,6 +75,7 @@ def test_the_train_step_compiles_for_tpu_with_the_mosaic_kernels(tpu_devices, tm
   assert "tpu_custom_call" not in cpu
 
 
+@pytest.mark.slow
 def test_the_attention_stem_compiles_for_tpu_as_its_kernels(tpu_devices, tmp_path):
   """A tiny full-attention model (the attention stem over 2x2 blocks, pooled by them):
   its stem's block statistics run the two Mosaic kernels, forward and backward, beside
@@ -84,6 +85,7 @@ def test_the_attention_stem_compiles_for_tpu_as_its_kernels(tpu_devices, tmp_pat
   assert len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)) == 6 + 2
 
 
+@pytest.mark.slow
 def test_an_option_the_kernels_lack_compiles_with_another_implementation(tpu_devices,
                                                                          tmp_path):
   """Shifted borders: never the Mosaic kernels (they exclude borders), on TPU too."""
@@ -193,6 +195,7 @@ _SEVERAL_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_the_kernels_split_the_batch_over_several_devices():
   """On 4 devices (forced CPU ones, the kernels interpreted): under the run's mesh
   (``jax.set_mesh``, as the loop sets it) each device attends over its share, and inside

@@ -234,6 +234,7 @@ def test_train_resume_evaluate_in_process(make_config, tmp_path):
     training.evaluate_checkpoint(None, resumed_dir, checkpoint_step=5)
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_says_what_it_does_to_the_schedule(make_config, tmp_path,
                                                                      caplog):
   """The schedule is recomputed for the new length: the warning gives the learning rate

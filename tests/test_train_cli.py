@@ -87,9 +87,9 @@ def test_train_resume_evaluate_from_the_command_line(tmp_path):
     (("--config.image_size=100000",), ("config.image_size=100000", "8x8", "'digits'")),
     # Resized to a size no host can hold (petabytes: beyond any address space, so refused
     # whatever the kernel's overcommit policy).
-    (("--config.image_size=10000000", "--config.augmentation=inception",
-      "--config.eval_preprocessing=center_crop"),
-     ("Out of host memory", "config.image_size")),
+    pytest.param(("--config.image_size=10000000", "--config.augmentation=inception",
+                  "--config.eval_preprocessing=center_crop"),
+                 ("Out of host memory", "config.image_size"), marks=pytest.mark.slow),
     (("--config.model_overrides.dilation=2", "--config.model_overrides.borders=shift"),
      ("borders='shift'", "height", "kernel_size * dilation = 5 * 2")),
     (("--mode=evaluate", "--workdir={tmp}"), "holds no checkpoints to evaluate"),

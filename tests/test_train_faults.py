@@ -89,9 +89,10 @@ def _change_values_of(workdir, step: int, name: str) -> None:
   array.write(values).result()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
-  """An uninterrupted run: its workdir and its output."""
+  """An uninterrupted run: its workdir and its output. Session-scoped: run once per
+  pytest-xdist worker (a module fixture runs again after another module's test there)."""
   workdir = tmp_path_factory.mktemp("reference") / "run"
   out = _ok(_train_py(workdir))
   assert _steps(workdir) == ["2", "4", "6", "8"]
@@ -104,6 +105,7 @@ def _copy(reference, tmp_path):
   return workdir
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_fall_back_with_one_warning_each(reference, tmp_path):
   """Values of an array changed on disk (restored silently before checksums), the
   metadata of the state missing (once "another model"), array files truncated: each
@@ -140,6 +142,7 @@ def test_damaged_checkpoints_fall_back_with_one_warning_each(reference, tmp_path
   assert json.loads((workdir / "config.json").read_text())["max_to_keep"] == 4
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_workdir_stops_at_once_naming_the_first(
     reference, tmp_path):
   workdir = _copy(reference, tmp_path)
@@ -168,6 +171,7 @@ def test_a_second_run_on_a_workdir_stops_at_once_naming_the_first(
   assert _steps(workdir) == ["4", "6", "8", "10"]  # No leftover temporary directory.
 
 
+@pytest.mark.slow
 def test_a_changed_config_is_refused_by_the_checkpoints_without_config_json(
     reference, tmp_path):
   workdir = _copy(reference, tmp_path)
@@ -180,6 +184,7 @@ def test_a_changed_config_is_refused_by_the_checkpoints_without_config_json(
   assert _checksums(workdir, 8) == _checksums(reference[0], 8)
 
 
+@pytest.mark.slow
 def test_a_workdir_whose_checkpoints_were_all_damaged_restarts_only_when_asked(
     reference, tmp_path):
   workdir = _copy(reference, tmp_path)
@@ -262,6 +267,7 @@ def _damaged_copy(data_dir, tmp_path, split: str):
   return copy, path
 
 
+@pytest.mark.slow
 def test_a_failed_evaluation_keeps_the_checkpoint_of_its_step(tiny_tfds_dir, tmp_path):
   """The state a run trained is saved before its evaluation, which then fails on a
   damaged file of the eval split with one line naming the dataset, the split and the

@@ -49,9 +49,10 @@ def _steps(workdir) -> list[int]:
   return sorted(int(d) for d in os.listdir(path) if d.isdigit())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def six_steps(tmp_path_factory):
-  """A finished 6-step run with checkpoints at 2, 4 and 6."""
+  """A finished 6-step run with checkpoints at 2, 4 and 6. Session-scoped: run once per
+  pytest-xdist worker (a module fixture runs again after another module's test there)."""
   config = tiny_config(num_train_steps=6)
   workdir = tmp_path_factory.mktemp("six") / "run"
   summary = training.train_and_evaluate(config, str(workdir))
