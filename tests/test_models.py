@@ -75,9 +75,12 @@ def test_registry_names():
   assert len(names) == len(set(names)) == 23
 
 
-# Tests of shapes alone trace with 'patches': on CPU the automatic choice, 'shifted',
-# takes 10-40x longer to trace (the op tests cover every implementation).
+# Tests of shapes alone trace with 'patches', and tests of what the model does around its
+# attention (BatchNorm, training, bfloat16) compile 'dense': on CPU the automatic choice,
+# 'shifted', takes 10-40x longer to trace and 3x longer to compile (the op tests cover
+# every implementation).
 _QUICK_TO_TRACE = {"implementation": "patches"}
+_QUICK_TO_COMPILE = {"implementation": "dense"}
 
 
 @pytest.mark.parametrize("name", models.list_models())
@@ -94,7 +97,7 @@ def test_output_shapes(name):
 
 
 def test_batchnorm_train_and_eval_modes():
-  model = models.create("sasa_tiny")
+  model = models.create("sasa_tiny", **_QUICK_TO_COMPILE)
   x = _images((4, 8, 8, 1))
   variables = _init(model, x)
   apply = _apply(model)
@@ -119,13 +122,14 @@ def test_batchnorm_train_and_eval_modes():
 
 def test_bfloat16_forward_close_to_float32():
   x = _images((2, 16, 16, 3))
-  model = models.create("sasa_resnet26_cifar", **SMALL_SASA)
+  model = models.create("sasa_resnet26_cifar", **SMALL_SASA, **_QUICK_TO_COMPILE)
   variables = _init(model, x)
   # Non-trivial BatchNorm scales, so that the residual branches contribute.
   variables = jax.tree_util.tree_map_with_path(
       lambda path, v: jnp.ones_like(v) if path[-1].key == "scale" else v, variables)
   f32 = _apply(model)(variables, x, train=False)
-  bf16 = _apply(models.create("sasa_resnet26_cifar", dtype=jnp.bfloat16, **SMALL_SASA))(
+  bf16 = _apply(models.create("sasa_resnet26_cifar", dtype=jnp.bfloat16, **SMALL_SASA,
+                              **_QUICK_TO_COMPILE))(
       variables, x, train=False)
   assert bf16.dtype == jnp.float32
   assert np.all(np.isfinite(bf16))
@@ -300,7 +304,7 @@ def test_tiny_model_is_small():
 
 @pytest.mark.parametrize("name", ["sasa_tiny", "resnet_tiny"])
 def test_sgd_lowers_the_loss_on_a_fixed_batch(name):
-  model = models.create(name)
+  model = models.create(name, **_QUICK_TO_COMPILE)
   x = _images((16, 8, 8, 1))
   labels = jnp.arange(16) % 10
   variables = _init(model, x, seed=1)
