@@ -23,12 +23,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # loads it stops on libtpu's lock file (a guard for processes sharing a real TPU).
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # The tests compile hundreds of small programs and run each a few times: without LLVM's
-# optimisations XLA compiles them in about 60% of the time (the results are the same
-# functions; tolerances cover the rounding of another instruction order). Set before JAX
-# starts, here and in the processes the tests start.
+# optimisations XLA compiles them in about 60% of the time, and without the CPU backend's
+# fusion emitters (the loop emitters instead) in another 45% (14 programs of the op tests:
+# 8.4 s -> 3.7 s). The results are the same functions; tolerances cover the rounding of
+# another instruction order. Set before JAX starts, here and in the processes the tests
+# start.
 os.environ["XLA_FLAGS"] = " ".join(
     (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
-    "--xla_cpu_use_fusion_emitters=false")).strip()
+     "--xla_cpu_use_fusion_emitters=false")).strip()
 
 
 # One persistent XLA compilation cache for the whole run: every pytest-xdist worker and

@@ -6,8 +6,7 @@ with shifted ones). In the group's own coordinates ``i // δ`` that window is th
 dilation 1, with the same border mode, on the group's sub-grid of ``L`` rows, and it uses
 the same slots of the relative tables. So any implementation of dilation 1 computes every
 dilation: it runs on each of the ``δh·δw`` sub-grids ``x[:, gh::δh, gw::δw]`` (of at most
-two sizes per axis when ``δ`` does not divide the image; those of one size in one call),
-whose outputs interleave back.
+two sizes per axis when ``δ`` does not divide the image), whose outputs interleave back.
 """
 
 from __future__ import annotations
@@ -34,26 +33,16 @@ def on_subgrids(attend: Attend, query, key, value, *, window: _contract.Window, 
   if (dh, dw) == (1, 1):
     return attend(query, key, value, window=base, rel_h=rel_h, rel_w=rel_w, scale=scale)
   batch, height, width, heads, depth = query.shape
-  # The sub-grids of one shape attend as one batch of B * count images: one call of
-  # ``attend`` (one kernel) per shape, not per sub-grid. Stacked behind each image, so
-  # a batch split over devices stays split the same way.
-  by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
-  for gh in range(dh):
-    for gw in range(dw):
-      by_shape.setdefault((len(range(gh, height, dh)), len(range(gw, width, dw))),
-                          []).append((gh, gw))
   rows, cols = math.ceil(height / dh), math.ceil(width / dw)
-  padded = {}  # (gh, gw) -> the output of that sub-grid, padded to (rows, cols).
-  for (sub_height, sub_width), groups in by_shape.items():
-    inputs = [jnp.stack([x[:, gh::dh, gw::dw] for gh, gw in groups], axis=1).reshape(
-        batch * len(groups), sub_height, sub_width, heads, depth) for x in (query, key, value)]
-    out = attend(*inputs, window=base, rel_h=rel_h, rel_w=rel_w, scale=scale)
-    out = jnp.pad(out.reshape(batch, len(groups), sub_height, sub_width, heads, depth),
-                  [(0, 0), (0, 0), (0, rows - sub_height), (0, cols - sub_width), (0, 0),
-                   (0, 0)])
-    padded.update({group: out[:, i] for i, group in enumerate(groups)})
+  grid = []  # grid[gh][gw]: the outputs of sub-grid (gh, gw), padded to (rows, cols).
+  for gh in range(dh):
+    grid.append([])
+    for gw in range(dw):
+      out = attend(*(x[:, gh::dh, gw::dw] for x in (query, key, value)), window=base,
+                   rel_h=rel_h, rel_w=rel_w, scale=scale)
+      pad = [(0, 0), (0, rows - out.shape[1]), (0, cols - out.shape[2]), (0, 0), (0, 0)]
+      grid[-1].append(jnp.pad(out, pad))
   # (B, rows, dh, cols, dw, N, d): row r * dh + gh is row r of sub-grid gh.
-  stacked = jnp.stack([jnp.stack([padded[gh, gw] for gw in range(dw)], axis=3)
-                       for gh in range(dh)], axis=2)
+  stacked = jnp.stack([jnp.stack(row, axis=3) for row in grid], axis=2)
   interleaved = stacked.reshape(batch, rows * dh, cols * dw, heads, depth)
   return interleaved[:, :height, :width]
