@@ -14,7 +14,6 @@ from sasa_jax import training
 OLD_WORKDIR = Path(__file__).parent / "data" / "workdir_0_1_0"
 
 
-
 def test_an_old_workdir_resumes_and_evaluates(tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(OLD_WORKDIR, workdir)

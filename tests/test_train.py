@@ -22,7 +22,6 @@ from sasa_jax.errors import ConfigError, NonFiniteLossError, WorkdirError
 from sasa_jax.training import loop, optimizers, reporting, run_plan
 from sasa_jax.workdir.checkpointer import Checkpointer
 
-
 # ---------------------------------------------------------------------------
 # Bad configs and workdirs: clear errors before anything is compiled.
 

@@ -20,11 +20,10 @@ _SCRIPT = textwrap.dedent("""
     from sasa_jax.errors import ConfigError
 
     out = {{"devices": jax.device_count()}}
-    if jax.device_count() > 1:
-      try:  # Not divisible by 8 devices: a clear error before anything is built.
-        training.train_and_evaluate(tiny_config(batch_size=12), sys.argv[1] + "/bad")
-      except ConfigError as e:
-        out["batch_error"] = str(e)
+    try:  # Not divisible by 8 devices: a clear error before anything is built.
+      training.Experiment(tiny_config(batch_size=12), sys.argv[1] + "/bad")
+    except ConfigError as e:
+      out["batch_error"] = str(e)
     summary = training.train_and_evaluate(
         tiny_config(num_train_steps=3, log_every_steps=3, eval_every_steps=3,
                     checkpoint_every_steps=3), sys.argv[1] + "/run")
@@ -51,6 +50,7 @@ def test_one_and_eight_devices_give_the_same_run(tmp_path):
   one = _run(tmp_path, 1)
   eight = _run(tmp_path, 8)
   assert (one["devices"], eight["devices"]) == (1, 8)
+  assert "batch_error" not in one
   assert "config.batch_size=12 is not divisible by the number of devices (8" in (
       eight["batch_error"])
   # Per-device BatchNorm (2 examples per device) would change these at ~1e-2.

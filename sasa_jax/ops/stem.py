@@ -98,8 +98,9 @@ def block_statistics(x: jax.Array, form: jax.Array, mixture: jax.Array, values: 
                      *, block: int, interpret: bool | None = None) -> BlockStatistics:
   """``statistics_of(block_attention(...)[0], block)``, arguments as ``block_attention``.
 
-  ``interpret=None``: chosen when the program is lowered, the Mosaic kernels for TPU (also
-  when compiling for TPU from another host) and the XLA formulation elsewhere;
+  ``interpret=None``: chosen for the platform the program is for
+  (``platforms.platform_dependent``), the Mosaic kernels for TPU (also when compiling for
+  TPU from another host) and the XLA formulation elsewhere;
   ``interpret=True``: the kernels in Pallas's TPU interpret mode, on any platform (exact
   and slow: for tests).
   """
